@@ -1,0 +1,216 @@
+"""Reading and validating standard PEFT LoRA artifacts.
+
+An adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``,
+as written by PEFT's ``save_pretrained``; adapters trained elsewhere load as they are.
+Only safetensors are read: pickled ``adapter_model.bin`` files are refused, never unpickled.
+
+Supported: plain LoRA on linear layers (any rank/alpha, ``rank_pattern``/``alpha_pattern``,
+rsLoRA scaling). Refused with a reason: DoRA, LoRA on embeddings, ``modules_to_save``,
+LoRA biases and Conv1D (``fan_in_fan_out``) layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsugiki.errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Identity of one immutable adapter version: user-facing ``name`` plus store ``version`` and content ``digest``."""
+
+    name: str
+    version: int
+    digest: str
+
+    @property
+    def key(self) -> str:
+        """Internal id of this version (the name alone may point at a newer version later)."""
+        return f"{self.name}@v{self.version}"
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's weights, ready for the engine.
+
+    For each adapted linear module ``m`` (named as in the base model, e.g. ``model.layers.0.self_attn.q_proj``):
+    ``modules[m] = (A, B)`` with ``A: [r, in]`` and ``B: [out, r]``, so that
+    ``y = base(x) + scaling[m] * (x @ A.T) @ B.T``.
+    """
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: dict[str, float]
+    config: dict[str, Any]
+    digest: str
+    nbytes: int = 0
+    ref: AdapterRef | None = field(default=None)
+
+    @property
+    def max_rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.modules.values()), default=0)
+
+
+def artifact_files(path: Path) -> tuple[Path, Path]:
+    """The config and weights files of an adapter directory, or an :class:`AdapterError` saying what is wrong."""
+    if not path.exists():
+        raise AdapterError(f"adapter path {str(path)!r} does not exist", param="path", code="adapter_not_found")
+    if not path.is_dir():
+        raise AdapterError(f"adapter path {str(path)!r} is not a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}",
+                           param="path")
+    cfg, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg.is_file():
+        raise AdapterError(f"{str(path)!r} has no {CONFIG_FILE}; is it a PEFT adapter directory?", param="path")
+    if not weights.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise AdapterError(
+                f"{str(path)!r} holds adapter_model.bin (a pickle, which tsugiki never loads); re-save it with "
+                "PEFT's save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors",
+                param="path", code="unsafe_adapter_format")
+        raise AdapterError(f"{str(path)!r} has no {WEIGHTS_FILE}", param="path")
+    return cfg, weights
+
+
+def content_digest(path: Path) -> str:
+    """sha256 over the adapter's config (canonical JSON) and weights bytes: the identity of its content."""
+    cfg_file, weights_file = artifact_files(path)
+    h = hashlib.sha256()
+    h.update(json.dumps(_read_config(cfg_file), sort_keys=True).encode())
+    with weights_file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_config(cfg_file: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_file} is not valid JSON: {e}", param="path", code="corrupt_adapter") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_file} must hold a JSON object", param="path", code="corrupt_adapter")
+    return cfg
+
+
+def _check_config(cfg: dict[str, Any], where: Path) -> None:
+    kind = str(cfg.get("peft_type", "")).upper()
+    if kind != "LORA":
+        raise AdapterError(f"{where}: peft_type is {cfg.get('peft_type')!r}; tsugiki serves LoRA adapters only",
+                           param="path", code="unsupported_adapter")
+    unsupported = {
+        "use_dora": "DoRA adapters",
+        "modules_to_save": "adapters with modules_to_save (full copies of base layers)",
+        "fan_in_fan_out": "Conv1D (fan_in_fan_out) adapters",
+    }
+    for key, what in unsupported.items():
+        if cfg.get(key):
+            raise AdapterError(f"{where}: {what} are not supported ({key}={cfg[key]!r}); retrain as plain LoRA",
+                               param="path", code="unsupported_adapter")
+    if cfg.get("lora_bias") or cfg.get("bias") not in (None, "none"):
+        raise AdapterError(f"{where}: LoRA adapters with trained biases are not supported; retrain with bias='none'",
+                           param="path", code="unsupported_adapter")
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(?:.*\.)?{key}", module):
+            return float(value)
+    return default
+
+
+def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -> LoraWeights:
+    """Read and structurally validate a PEFT LoRA directory (CPU tensors, float32).
+
+    Checks that apply without the base model: files present and safetensors, config is LoRA without unsupported
+    features, every tensor is a finite LoRA A/B pair with matching rank. :func:`check_fits` checks the base model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, weights_file = artifact_files(path)
+    size = weights_file.stat().st_size
+    if size > max_file_bytes:
+        raise AdapterError(f"{weights_file} is {size} bytes, above the limit of {max_file_bytes} "
+                           "(adapters.max_file_bytes)", param="path", code="adapter_too_large")
+    cfg = _read_config(cfg_file)
+    _check_config(cfg, path)
+    try:
+        tensors = load_file(str(weights_file), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{weights_file} is not a readable safetensors file: {e}", param="path",
+                           code="corrupt_adapter") from e
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"{weights_file}: tensor {key!r} is not a LoRA A/B weight of a linear layer "
+                               "(embedding LoRA, DoRA magnitudes and full layer copies are not supported)",
+                               param="path", code="unsupported_adapter")
+        pairs.setdefault(m["module"], {})[m["ab"]] = t
+    if not pairs:
+        raise AdapterError(f"{weights_file} holds no LoRA weights", param="path", code="corrupt_adapter")
+
+    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    scaling: dict[str, float] = {}
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{weights_file}: module {name!r} has lora_{'A' if 'A' in ab else 'B'} "
+                               "but not its partner", param="path", code="corrupt_adapter")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{weights_file}: module {name!r} has lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)}; expected [r, in] and [out, r]", param="path",
+                               code="corrupt_adapter")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"{weights_file}: module {name!r} weights are not floating point", param="path",
+                               code="corrupt_adapter")
+        a, b = a.float(), b.float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{weights_file}: module {name!r} holds NaN or infinite values", param="path",
+                               code="corrupt_adapter")
+        r = a.shape[0]
+        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, float(cfg.get("r", r)))
+        a_m = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha)
+        if int(r_cfg) != r:
+            raise AdapterError(f"{weights_file}: module {name!r} has rank {r} but the config says {int(r_cfg)}",
+                               param="path", code="corrupt_adapter")
+        scaling[name] = a_m / math.sqrt(r) if cfg.get("use_rslora") else a_m / r
+        modules[name] = (a.contiguous(), b.contiguous())
+    return LoraWeights(modules=modules, scaling=scaling, config=cfg, digest="", nbytes=size)
+
+
+def check_fits(weights: LoraWeights, shapes: dict[str, tuple[int, int]], *, max_rank: int, base_name: str,
+               where: str) -> None:
+    """Refuse an adapter that does not fit the base model: unknown modules, wrong shapes, rank above the limit.
+
+    ``shapes`` maps each adaptable linear module of the base model to ``(in_features, out_features)``.
+    """
+    trained_for = weights.config.get("base_model_name_or_path") or "an unnamed base model"
+    for name, (a, b) in weights.modules.items():
+        if name not in shapes:
+            raise AdapterError(
+                f"adapter {where} targets module {name!r}, which base model {base_name!r} does not have as an "
+                f"adaptable linear layer; it was trained for {trained_for!r}", param="path", code="adapter_mismatch")
+        fan_in, fan_out = shapes[name]
+        if a.shape[1] != fan_in or b.shape[0] != fan_out:
+            raise AdapterError(
+                f"adapter {where} module {name!r} maps {a.shape[1]}->{b.shape[0]} features but base model "
+                f"{base_name!r} has {fan_in}->{fan_out}; it was trained for {trained_for!r}",
+                param="path", code="adapter_mismatch")
+        if a.shape[0] > max_rank:
+            raise AdapterError(f"adapter {where} has rank {a.shape[0]} on {name!r}, above the limit of {max_rank} "
+                               "(adapters.max_rank)", param="path", code="adapter_rank_too_large")

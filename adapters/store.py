@@ -1,0 +1,183 @@
+"""The adapter store: immutable, content-addressed adapter versions on disk, shared by all replicas.
+
+Layout::
+
+    <root>/index.json                       names -> versions and the active version
+    <root>/<name>/v<N>-<digest[:12]>/       adapter_config.json, adapter_model.safetensors (never modified)
+
+Importing a directory whose content differs from every stored version of that name creates version N+1;
+importing identical content re-activates the existing version. Writers serialise on an ``fcntl`` lock and
+replace ``index.json`` atomically, so replicas on one filesystem (or a shared volume) see one consistent
+state; readers notice changes by the index file's mtime, a single ``stat`` per lookup.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tsugiki.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterRef, artifact_files, content_digest
+from tsugiki.errors import AdapterError, InvalidRequestError, ModelNotFoundError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or "@" in name:
+        raise InvalidRequestError(
+            f"adapter name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit", param="name", code="invalid_adapter_name")
+    return name
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One stored version, as listed by the API."""
+
+    name: str
+    version: int
+    digest: str
+    path: str
+    created: float
+    source: str
+    active: bool
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.name, self.version, self.digest)
+
+
+class AdapterStore:
+    """Versioned adapter artifacts under ``root``.
+
+    Args:
+        root: the store directory (created if missing).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index_path = self.root / "index.json"
+        self._stamp: tuple[int, int] | None = None
+        self._index: dict[str, Any] = {"adapters": {}}
+
+    # ---- reading -------------------------------------------------------------------------------------------------
+    def _load(self) -> dict[str, Any]:
+        try:
+            st = self._index_path.stat()
+        except FileNotFoundError:
+            self._stamp, self._index = None, {"adapters": {}}
+            return self._index
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._stamp:
+            self._index = json.loads(self._index_path.read_text())
+            self._stamp = stamp
+        return self._index
+
+    def resolve(self, name: str) -> AdapterRef | None:
+        """The active version of ``name``, or None when there is no such adapter (or it was unloaded)."""
+        entry = self._load()["adapters"].get(name)
+        if not entry or entry.get("active") is None:
+            return None
+        v = entry["versions"][str(entry["active"])]
+        return AdapterRef(name, int(entry["active"]), v["digest"])
+
+    def require(self, name: str) -> AdapterRef:
+        ref = self.resolve(name)
+        if ref is None:
+            raise ModelNotFoundError(f"adapter {name!r} is not loaded; GET /v1/models lists what is served",
+                                     param="model")
+        return ref
+
+    def path_of(self, ref: AdapterRef) -> Path:
+        entry = self._load()["adapters"].get(ref.name, {})
+        v = entry.get("versions", {}).get(str(ref.version))
+        if v is None or v["digest"] != ref.digest:
+            raise ModelNotFoundError(f"adapter version {ref.key} is not in the store", param="model")
+        return self.root / v["path"]
+
+    def records(self, *, include_inactive: bool = False) -> list[AdapterRecord]:
+        out = []
+        for name, entry in sorted(self._load()["adapters"].items()):
+            for ver, v in sorted(entry["versions"].items(), key=lambda kv: int(kv[0])):
+                active = entry.get("active") == int(ver)
+                if active or include_inactive:
+                    out.append(AdapterRecord(name=name, version=int(ver), digest=v["digest"], path=v["path"],
+                                             created=v["created"], source=v["source"], active=active))
+        return out
+
+    def active_refs(self) -> dict[str, AdapterRef]:
+        return {r.name: r.ref for r in self.records()}
+
+    # ---- writing -------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._stamp = None
+            index = self._load()
+            yield index
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(index, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._index_path)
+            self._stamp = None
+
+    def put(self, name: str, src: str | Path, *, digest: str | None = None) -> AdapterRef:
+        """Import the adapter directory ``src`` under ``name`` and make that version active.
+
+        Identical content to an existing version re-activates that version; new content becomes a new version.
+        """
+        check_name(name)
+        src = Path(src)
+        artifact_files(src)
+        digest = digest or content_digest(src)
+        with self._locked() as index:
+            entry = index["adapters"].setdefault(name, {"versions": {}, "active": None})
+            for ver, v in entry["versions"].items():
+                if v["digest"] == digest and (self.root / v["path"]).is_dir():
+                    entry["active"] = int(ver)
+                    return AdapterRef(name, int(ver), digest)
+            version = max((int(v) for v in entry["versions"]), default=0) + 1
+            rel = f"{name}/v{version}-{digest[:12]}"
+            dest = self.root / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
+            try:
+                for f in (CONFIG_FILE, WEIGHTS_FILE):
+                    shutil.copyfile(src / f, tmp / f)
+                if content_digest(tmp) != digest:
+                    raise AdapterError(f"adapter at {str(src)!r} changed while it was being imported; retry",
+                                       param="path")
+                os.replace(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            entry["versions"][str(version)] = {"digest": digest, "path": rel, "created": time.time(),
+                                               "source": str(src)}
+            entry["active"] = version
+            return AdapterRef(name, version, digest)
+
+    def deactivate(self, name: str) -> AdapterRef:
+        """Stop serving ``name`` (its versions stay on disk for audit and rollback)."""
+        with self._locked() as index:
+            entry = index["adapters"].get(name)
+            if not entry or entry.get("active") is None:
+                raise ModelNotFoundError(f"adapter {name!r} is not loaded", param="name")
+            ver = int(entry["active"])
+            entry["active"] = None
+            return AdapterRef(name, ver, entry["versions"][str(ver)]["digest"])
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.records()]

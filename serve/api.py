@@ -1,0 +1,430 @@
+"""The OpenAI-compatible HTTP API: routes, error shape, request ids, access control and request metrics.
+
+:func:`build_app` works over any :class:`ModelClient`: the Ray Serve ingress passes one that calls the model
+deployment through a handle; tests and benchmarks can pass :class:`LocalClient` around an in-process
+:class:`~tsugiki.serve.server.ModelServer`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tsugiki.config import ServerConfig
+from tsugiki.errors import AuthenticationError, InvalidRequestError, TsugikiError
+from tsugiki.serve.metrics import GatewayMetrics, MergedExpositions
+from tsugiki.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    VLLMLoadRequest,
+    VLLMUnloadRequest,
+)
+
+logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ModelClient(Protocol):
+    """What the HTTP front needs from the model side."""
+
+    def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def describe(self) -> dict[str, Any]: ...
+
+    async def list_adapters(self) -> list[dict[str, Any]]: ...
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]: ...
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]: ...
+
+    async def metrics_texts(self) -> dict[str, str]: ...
+
+
+class LocalClient:
+    """A :class:`ModelClient` over an in-process ModelServer (tests, benchmarks, single-process use)."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self.server.generate(payload)  # type: ignore[no-any-return]
+
+    async def describe(self) -> dict[str, Any]:
+        return await self.server.describe()  # type: ignore[no-any-return]
+
+    async def list_adapters(self) -> list[dict[str, Any]]:
+        return await self.server.list_adapters()  # type: ignore[no-any-return]
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        return await self.server.load_adapter(name, path)  # type: ignore[no-any-return]
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
+        return await self.server.unload_adapter(name)  # type: ignore[no-any-return]
+
+    async def metrics_texts(self) -> dict[str, str]:
+        return {"local": self.server.metrics_text()}
+
+
+def error_response(err: TsugikiError, request_id: str | None = None) -> JSONResponse:
+    headers = {"x-request-id": request_id} if request_id else None
+    return JSONResponse(err.to_openai(), status_code=err.status, headers=headers)
+
+
+def _describe_validation(e: ValidationError) -> tuple[str, str | None]:
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"] if x != "body")
+    msg = f"{loc}: {first['msg']}" if loc else first["msg"]
+    if len(e.errors()) > 1:
+        msg += f" (and {len(e.errors()) - 1} more problem(s))"
+    return msg, (str(first["loc"][0]) if first["loc"] else None)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        msg, param = _describe_validation(e)
+        raise InvalidRequestError(msg, param=param) from e
+
+
+class _Auth:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.api_keys = tuple(k.encode() for k in cfg.api_keys)
+        admin = cfg.admin_key if cfg.admin_key is not None else None
+        self.admin_keys = (admin.encode(),) if admin else self.api_keys
+
+    @staticmethod
+    def _token(request: Request) -> bytes | None:
+        h = request.headers.get("authorization", "")
+        return h[7:].strip().encode() if h.lower().startswith("bearer ") else None
+
+    def _check(self, request: Request, keys: tuple[bytes, ...], what: str) -> None:
+        if not keys:
+            return
+        token = self._token(request)
+        if token is None:
+            raise AuthenticationError(f"{what} needs an API key: send 'Authorization: Bearer <key>'")
+        if not any(hmac.compare_digest(token, k) for k in keys):
+            raise AuthenticationError(f"the API key is not valid for {what}")
+
+    def inference(self, request: Request) -> None:
+        self._check(request, self.api_keys, "inference")
+
+    def admin(self, request: Request) -> None:
+        self._check(request, self.admin_keys, "adapter management")
+
+
+def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegistry | None = None) -> FastAPI:
+    """The gateway's FastAPI app over ``client``."""
+    app = FastAPI(title="tsugiki", docs_url=None, redoc_url=None)
+    registry = registry or CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    auth = _Auth(cfg)
+    state: dict[str, Any] = {"base": None, "known": set()}
+    merged = CollectorRegistry(auto_describe=False)
+    remote_texts: dict[str, str] = {}
+    merged.register(MergedExpositions(lambda: remote_texts))
+
+    async def base_model() -> str:
+        if state["base"] is None:
+            state["base"] = (await client.describe())["base_model"]
+        return str(state["base"])
+
+    async def label_for(model: str) -> str:
+        # Bounded labels: the base model, adapter names known to the store, else "unknown".
+        if model == await base_model() or model in state["known"]:
+            return model
+        names = {a["name"] for a in await client.list_adapters()}
+        state["known"] = names
+        return model if model in names else "unknown"
+
+    # ---- cross-cutting ---------------------------------------------------------------------------------------
+    @app.middleware("http")
+    async def request_id_mw(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if _REQUEST_ID.match(rid) else f"req-{uuid.uuid4().hex}"
+        request.state.request_id = rid
+        try:
+            response = await call_next(request)
+        except Exception:  # never a stack trace to the client
+            logger.exception("unhandled error", extra={"request_id": rid})
+            response = error_response(TsugikiError("internal error; the request id is in x-request-id"))
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(TsugikiError)
+    async def _tsugiki_error(request: Request, exc: TsugikiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        body = {"error": {"message": f"{request.method} {request.url.path}: {exc.detail}", "type": kind,
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    # ---- health and metrics ----------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        try:
+            info = await client.describe()
+        except Exception as e:  # not ready is an answer, not an error
+            return JSONResponse({"status": "not ready", "reason": str(e)[:200]}, status_code=503)
+        return JSONResponse({"status": "ready", "base_model": info["base_model"]})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        try:
+            texts = await client.metrics_texts()
+        except Exception:
+            logger.warning("could not collect model replica metrics")
+            texts = {}
+        remote_texts.clear()
+        remote_texts.update(texts)
+        body = generate_latest(registry) + generate_latest(merged)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    # ---- models and adapters ---------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        auth.inference(request)
+        info = await client.describe()
+        base = info["base_model"]
+        data = [{"id": base, "object": "model", "created": info["created"], "owned_by": "tsugiki", "root": base,
+                 "parent": None, "max_model_len": info["max_model_len"]}]
+        for a in info["adapters"]:
+            data.append({"id": a["name"], "object": "model", "created": int(a["created"]), "owned_by": "tsugiki",
+                         "root": a["path"], "parent": base, "version": a["version"], "digest": a["digest"]})
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/adapters")
+    async def list_adapters(request: Request) -> dict[str, Any]:
+        auth.admin(request)
+        return {"object": "list", "data": await client.list_adapters()}
+
+    async def _load(name: str, path: str) -> dict[str, Any]:
+        try:
+            rec = await client.load_adapter(name, path)
+        except TsugikiError:
+            metrics.adapter_ops.labels("load", "error").inc()
+            raise
+        metrics.adapter_ops.labels("load", "success").inc()
+        state["known"].add(name)
+        return rec
+
+    async def _unload(name: str) -> dict[str, Any]:
+        try:
+            rec = await client.unload_adapter(name)
+        except TsugikiError:
+            metrics.adapter_ops.labels("unload", "error").inc()
+            raise
+        metrics.adapter_ops.labels("unload", "success").inc()
+        return rec
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request) -> JSONResponse:
+        auth.admin(request)
+        body = await parse_body(request, LoadAdapterRequest)
+        return JSONResponse(await _load(body.name, body.path), status_code=201)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
+        auth.admin(request)
+        return await _unload(name)
+
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(request: Request) -> PlainTextResponse:
+        auth.admin(request)
+        body = await parse_body(request, VLLMLoadRequest)
+        await _load(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(request: Request) -> PlainTextResponse:
+        auth.admin(request)
+        body = await parse_body(request, VLLMUnloadRequest)
+        await _unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # ---- inference -------------------------------------------------------------------------------------------
+    async def run(request: Request, body: CompletionRequest | ChatRequest, chat: bool) -> Response:
+        rid: str = request.state.request_id
+        t0 = time.perf_counter()
+        payload: dict[str, Any] = {"request_id": rid, "model": body.model, "max_tokens": body.token_budget(),
+                                   "temperature": body.temperature, "top_p": body.top_p, "stop": body.stop_list(),
+                                   "seed": body.seed}
+        if isinstance(body, ChatRequest):
+            payload["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
+            payload["logprobs"] = body.logprobs
+            payload["top_logprobs"] = body.top_logprobs or 0 if body.logprobs else 0
+        else:
+            payload["prompt"] = body.prompt
+            payload["logprobs"] = body.logprobs is not None
+            payload["top_logprobs"] = body.logprobs or 0
+        label = await label_for(body.model)
+        events = client.generate(payload)
+        first = await events.__anext__()
+        if first["type"] == "error":
+            err = TsugikiError.from_dict(first["error"])
+            metrics.requests.labels(label, "client_error" if err.status < 500 else "server_error").inc()
+            return error_response(err, rid)
+        prompt_tokens = int(first["prompt_tokens"])
+        rec = _Recorder(metrics, label, t0, prompt_tokens)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = _sse(events, rec, ident, created, body.model, chat, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        text, lps, finish, completion, engine_s = [], [], None, 0, 0.0
+        async for ev in events:
+            if ev["type"] == "error":
+                rec.done("server_error")
+                return error_response(TsugikiError.from_dict(ev["error"]), rid)
+            rec.token()
+            text.append(ev["text"])
+            if "logprob" in ev:
+                lps.append(ev["logprob"])
+            completion = ev["completion_tokens"]
+            if ev["finish_reason"] is not None:
+                finish, engine_s = ev["finish_reason"], float(ev.get("engine_seconds", 0.0))
+        rec.done("success", completion)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion}
+        content = "".join(text)
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content},
+                                      "logprobs": _chat_logprobs(lps) if payload["logprobs"] else None,
+                                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": content, "finish_reason": finish,
+                      "logprobs": _completion_logprobs(lps) if payload["logprobs"] else None}
+        out = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+               "model": body.model, "choices": [choice], "usage": usage}
+        return JSONResponse(out, headers={"x-engine-time-ms": f"{engine_s * 1000:.3f}"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        auth.inference(request)
+        return await run(request, await parse_body(request, CompletionRequest), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        auth.inference(request)
+        return await run(request, await parse_body(request, ChatRequest), chat=True)
+
+    return app
+
+
+class _Recorder:
+    """Request metrics: TTFT at the first token, TPOT and end-to-end latency at the end."""
+
+    def __init__(self, metrics: GatewayMetrics, label: str, t0: float, prompt_tokens: int) -> None:
+        self.m, self.label, self.t0, self.prompt_tokens = metrics, label, t0, prompt_tokens
+        self.first: float | None = None
+        self.last = t0
+        self.n = 0
+        metrics.prompt_tokens.labels(label).inc(prompt_tokens)
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.m.ttft.labels(self.label).observe(now - self.t0)
+        self.last = now
+        self.n += 1
+
+    def done(self, outcome: str, completion_tokens: int | None = None) -> None:
+        self.m.requests.labels(self.label, outcome).inc()
+        self.m.latency.labels(self.label).observe(time.perf_counter() - self.t0)
+        n = self.n if completion_tokens is None else completion_tokens
+        self.m.completion_tokens.labels(self.label).inc(n)
+        if self.first is not None and self.n > 1:
+            self.m.tpot.labels(self.label).observe((self.last - self.first) / (self.n - 1))
+
+
+def _sse_line(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]], rec: _Recorder, ident: str, created: int, model: str,
+               chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta_text: str | None, finish: str | None, logprob: dict[str, Any] | None = None,
+              role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if delta_text:
+                delta["content"] = delta_text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish,
+                                      "logprobs": _chat_logprobs([logprob]) if logprob else None}
+        else:
+            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish,
+                      "logprobs": _completion_logprobs([logprob]) if logprob else None}
+        return {"id": ident, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+    completion, outcome = 0, "aborted"
+    try:
+        if chat:
+            yield _sse_line(chunk(None, None, role=True))
+        async for ev in events:
+            if ev["type"] == "error":
+                outcome = "server_error"
+                yield _sse_line(TsugikiError.from_dict(ev["error"]).to_openai())
+                break
+            rec.token()
+            completion = ev["completion_tokens"]
+            if ev["text"] or ev["finish_reason"] or "logprob" in ev:
+                yield _sse_line(chunk(ev["text"], ev["finish_reason"], ev.get("logprob")))
+            if ev["finish_reason"] is not None:
+                outcome = "success"
+        if include_usage and outcome == "success":
+            usage = {"prompt_tokens": rec.prompt_tokens, "completion_tokens": completion,
+                     "total_tokens": rec.prompt_tokens + completion}
+            yield _sse_line({"id": ident, "object": obj, "created": created, "model": model, "choices": [],
+                             "usage": usage})
+        yield b"data: [DONE]\n\n"
+    finally:
+        rec.done(outcome, completion)
+
+
+def _chat_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"content": [{"token": lp["token"], "logprob": lp["logprob"], "bytes": list(lp["token"].encode()),
+                         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp["top"]]}
+                        for lp in lps]}
+
+
+def _completion_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
+    offsets, pos = [], 0
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp["token"])
+    return {"tokens": [lp["token"] for lp in lps], "token_logprobs": [lp["logprob"] for lp in lps],
+            "top_logprobs": [dict(lp["top"]) for lp in lps] if any(lp["top"] for lp in lps) else None,
+            "text_offset": offsets}

@@ -1,0 +1,74 @@
+"""Per-row sampling: greedy, temperature and nucleus (top-p), seeded per request, with log-probabilities."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. ``temperature == 0`` is greedy decoding."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Sampled:
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return g
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[Sampled]:
+    """Pick one token per row of ``logits: [N, V]`` (float32) by each row's params."""
+    logits = logits.float()
+    out_ids = torch.argmax(logits, dim=-1)
+    want_lp = any(p.logprobs for p in params)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.greedy:
+            continue
+        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p  # always keeps the most likely token
+            sorted_p = sorted_p * keep
+            out_ids[i] = order[torch.multinomial(sorted_p, 1, generator=g)]
+        else:
+            out_ids[i] = torch.multinomial(probs, 1, generator=g)[0]
+    ids = out_ids.tolist()
+    result = []
+    for i, p in enumerate(params):
+        if p.logprobs and logprobs is not None:
+            lp = float(logprobs[i, ids[i]])
+            top = None
+            if p.top_logprobs:
+                v, ix = torch.topk(logprobs[i], p.top_logprobs)
+                top = list(zip(ix.tolist(), v.tolist()))
+            result.append(Sampled(ids[i], lp, top))
+        else:
+            result.append(Sampled(ids[i], None, None))
+    return result

@@ -1,0 +1,215 @@
+"""The model server: one base model, its adapters and the engine, behind a plain async Python interface.
+
+The Ray Serve model deployment is a thin shell over :class:`ModelServer` (see ``deployments.py``); tests and
+benchmarks use it in-process. Everything that crosses a process boundary is a plain dict.
+
+Generation protocol: :meth:`ModelServer.generate` takes a payload dict and yields event dicts. The first event
+is ``{"type": "error", "error": {...}}`` (the request was refused; nothing else follows) or
+``{"type": "start", "prompt_tokens", "adapter"}``; then ``{"type": "token", ...}`` events, the last one with a
+``finish_reason`` and ``engine_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tsugiki.adapters.store import AdapterStore, check_name
+from tsugiki.config import Settings
+from tsugiki.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    TsugikiError,
+)
+from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
+from tsugiki.serve.engine import AsyncEngine, EngineCore, GenerationRequest, TokenEvent
+from tsugiki.serve.metrics import EngineMetrics
+from tsugiki.serve.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class ModelServer:
+    """Loads the base model and serves generation and adapter management for it.
+
+    Args:
+        settings: gateway settings (model, adapters, engine sections are used).
+        progress: show a progress bar if the default model must be converted.
+        registry: Prometheus registry for engine metrics (a fresh one by default).
+    """
+
+    def __init__(self, settings: Settings, *, progress: bool = False, registry: CollectorRegistry | None = None,
+                 loaded: LoadedBaseModel | None = None) -> None:
+        self.settings = settings
+        self.torch_threads = set_torch_threads(settings.model.torch_threads)
+        self.loaded = loaded or load_base_model(settings.model, progress=progress)
+        self.tokenizer = self.loaded.tokenizer
+        self.info = self.loaded.info
+        self.store = AdapterStore(settings.store_dir())
+        self.roots = settings.adapter_roots()
+        self.registry = registry or CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry)
+        self.core = EngineCore(self.loaded.model, self.tokenizer, engine_cfg=settings.engine,
+                               adapter_cfg=settings.adapters, store=self.store, max_model_len=self.info.max_model_len,
+                               base_name=self.info.name, metrics=self.metrics)
+        self.engine = AsyncEngine(self.core)
+        self.created = int(time.time())
+        logger.info("model server ready", extra={"base_model": self.info.name, "threads": self.torch_threads})
+
+    # ---- metadata ------------------------------------------------------------------------------------------------
+    async def describe(self) -> dict[str, Any]:
+        return {"base_model": self.info.name, "fingerprint": self.info.fingerprint,
+                "max_model_len": self.info.max_model_len, "created": self.created,
+                "adapters": self.store.to_json(), "torch_threads": self.torch_threads}
+
+    async def list_adapters(self) -> list[dict[str, Any]]:
+        return self.store.to_json()
+
+    def metrics_text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    # ---- adapters ------------------------------------------------------------------------------------------------
+    def _inside_roots(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            raise InvalidRequestError(f"adapter path {path!r} must be absolute", param="path")
+        real = p.resolve()
+        if not any(real == r or r in real.parents for r in self.roots):
+            allowed = ", ".join(str(r) for r in self.roots)
+            raise PermissionDeniedError(
+                f"adapter path {path!r} is outside the allowed adapter roots ({allowed}); move it there or add its "
+                "directory to adapters.roots", param="path", code="path_not_allowed")
+        return real
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Validate ``path`` against the base model, store it as a new version of ``name`` and make it servable."""
+        check_name(name)
+        if name == self.info.name:
+            raise InvalidRequestError(f"adapter name {name!r} is the base model's name; choose another", param="name")
+        real = self._inside_roots(path)
+
+        def read_and_store() -> Any:
+            weights = self.core.read_adapter(str(real), repr(name))
+            ref = self.store.put(name, real)
+            return weights, ref
+
+        weights, ref = await asyncio.to_thread(read_and_store)
+
+        def install() -> None:
+            self.core.sync_store()  # drop the replaced version (unless running sequences still use it)
+            self.core.ensure_resident(ref, weights)
+
+        await self.engine.call(install)
+        rec = next(r for r in self.store.to_json() if r["name"] == name)
+        return rec
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
+        ref = await asyncio.to_thread(self.store.deactivate, name)
+        await self.engine.call(self.core.sync_store)
+        return {"name": ref.name, "version": ref.version, "digest": ref.digest, "active": False}
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+    def _prompt_ids(self, payload: dict[str, Any]) -> list[int]:
+        tok = self.tokenizer
+        if payload.get("messages") is not None:
+            if not tok.chat_template:
+                raise InvalidRequestError(f"base model {self.info.name!r} has no chat template; use /v1/completions",
+                                          param="messages")
+            enc = tok.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+            ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+            return list(ids)
+        prompt = payload.get("prompt")
+        if isinstance(prompt, list):
+            vocab = len(tok)
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+            return list(prompt)
+        if not isinstance(prompt, str) or prompt == "":
+            raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
+        return list(tok(prompt, add_special_tokens=False)["input_ids"])
+
+    def _resolve_model(self, model: str) -> str | None:
+        if model == self.info.name:
+            return None
+        if self.store.resolve(model) is None:
+            raise ModelNotFoundError(f"The model `{model}` does not exist. GET /v1/models lists the base model and "
+                                     "the loaded adapters.", param="model")
+        return model
+
+    def _params(self, payload: dict[str, Any], n_prompt: int) -> SamplingParams:
+        ecfg = self.settings.engine
+        limit = self.info.max_model_len
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty after tokenisation", param="prompt")
+        if n_prompt >= limit:
+            raise ContextLengthError(f"This model's maximum context length is {limit} tokens. However, your prompt "
+                                     f"has {n_prompt} tokens; shorten it.", param="messages" if payload.get(
+                                         "messages") is not None else "prompt")
+        max_tokens = payload.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = min(ecfg.default_max_tokens, limit - n_prompt)
+        elif max_tokens > ecfg.max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens is {max_tokens}, above this server's limit of "
+                                      f"{ecfg.max_tokens_limit} (engine.max_tokens_limit)", param="max_tokens")
+        elif n_prompt + max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in the completion). "
+                "Reduce the prompt or max_tokens.", param="max_tokens")
+        stop = tuple(payload.get("stop") or ())
+        if len(stop) > ecfg.max_stop_sequences:
+            raise InvalidRequestError(f"{len(stop)} stop sequences given; at most {ecfg.max_stop_sequences}",
+                                      param="stop")
+        top = int(payload.get("top_logprobs") or 0)
+        return SamplingParams(max_tokens=int(max_tokens), temperature=float(payload.get("temperature", 1.0)),
+                              top_p=float(payload.get("top_p", 1.0)), seed=payload.get("seed"), stop=stop,
+                              logprobs=bool(payload.get("logprobs")), top_logprobs=top)
+
+    def _token_text(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+    def _event(self, ev: TokenEvent, params: SamplingParams) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "token", "text": ev.text, "finish_reason": ev.finish_reason,
+                               "completion_tokens": ev.completion_tokens}
+        if params.logprobs and ev.token_id is not None and ev.logprob is not None:
+            out["logprob"] = {"token": self._token_text(ev.token_id), "logprob": ev.logprob,
+                              "top": [(self._token_text(t), lp) for t, lp in (ev.top_logprobs or [])]}
+        return out
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Run one request; see the module docstring for the event protocol."""
+        request_id = str(payload.get("request_id") or uuid.uuid4().hex)
+        try:
+            adapter = self._resolve_model(str(payload.get("model")))
+            ids = self._prompt_ids(payload)
+            params = self._params(payload, len(ids))
+        except TsugikiError as e:
+            yield {"type": "error", "error": e.to_dict()}
+            return
+        t0 = time.perf_counter()
+        req = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids), params=params, adapter=adapter)
+        started = False
+        try:
+            async for ev in self.engine.generate(req):
+                if not started:
+                    started = True
+                    yield {"type": "start", "prompt_tokens": len(ids),
+                           "adapter": ev.adapter.key if ev.adapter else None}
+                out = self._event(ev, params)
+                if ev.finish_reason is not None:
+                    out["engine_seconds"] = time.perf_counter() - t0
+                yield out
+        except TsugikiError as e:
+            yield {"type": "error", "error": e.to_dict()}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
