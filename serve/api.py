@@ -135,8 +135,13 @@ class _Auth:
         self._check(request, self.admin_keys, "adapter management")
 
 
-def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegistry | None = None) -> FastAPI:
-    """The gateway's FastAPI app over ``client``."""
+def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegistry | None = None,
+              echo_request_id: bool = True) -> FastAPI:
+    """The gateway's FastAPI app over ``client``.
+
+    ``echo_request_id=False`` under Ray Serve, whose proxy already sets ``x-request-id`` on every response
+    (to the id it put on the request, which this app adopts).
+    """
     app = FastAPI(title="tsugiki", docs_url=None, redoc_url=None)
     registry = registry or CollectorRegistry()
     metrics = GatewayMetrics(registry)
@@ -170,7 +175,8 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         except Exception:  # never a stack trace to the client
             logger.exception("unhandled error", extra={"request_id": rid})
             response = error_response(TsugikiError("internal error; the request id is in x-request-id"))
-        response.headers["x-request-id"] = rid
+        if echo_request_id:
+            response.headers["x-request-id"] = rid
         return response
 
     @app.exception_handler(TsugikiError)

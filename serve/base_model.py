@@ -176,6 +176,9 @@ def load_base_model(cfg: ModelConfig, *, progress: bool = True) -> LoadedBaseMod
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base_model(cfg, progress=progress)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars on every replica start are noise
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     try:

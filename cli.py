@@ -1,0 +1,160 @@
+"""The ``tsugiki`` command.
+
+    tsugiki serve [--host H] [--port P] [--base-model DIR] [--adapter-dir DIR] [--config FILE]
+    tsugiki adapters list|load NAME PATH|unload NAME [--url URL] [--key KEY]
+    tsugiki convert            convert and cache the embedded default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from tsugiki.errors import ConfigError, TsugikiError
+
+
+def _configure_logging(level: str) -> None:
+    """Structured (one JSON object per line) and quiet by default."""
+
+    class JsonFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
+                                   "logger": record.name, "msg": record.getMessage()}
+            for k in ("request_id", "base_model", "threads", "adapter"):
+                if hasattr(record, k):
+                    out[k] = getattr(record, k)
+            if record.exc_info:
+                out["exc"] = self.formatException(record.exc_info)
+            return json.dumps(out)
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("tsugiki")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tsugiki.config import load_settings
+
+    overrides: dict[str, Any] = {"server": {}, "model": {}, "adapters": {}}
+    if args.host:
+        overrides["server"]["host"] = args.host
+    if args.port:
+        overrides["server"]["port"] = args.port
+    if args.base_model:
+        overrides["model"]["base_model"] = args.base_model
+    if args.adapter_dir:
+        overrides["adapters"]["store_dir"] = args.adapter_dir
+    settings = load_settings(args.config, **{k: v for k, v in overrides.items() if v})
+    _configure_logging(settings.server.log_level)
+
+    import ray
+    from ray import serve
+
+    from tsugiki.serve.deployments import build_application
+
+    app = build_application(settings)  # converts the default model here, with a progress bar, the first time
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=settings.server.log_level == "DEBUG",
+                 logging_level=settings.server.log_level, include_dashboard=False)
+    serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
+    print(f"tsugiki: starting on http://{settings.server.host}:{settings.server.port} ...", file=sys.stderr)
+    serve.run(app, name="tsugiki", route_prefix="/")
+    print(f"tsugiki: serving on http://{settings.server.host}:{settings.server.port}  (Ctrl-C stops)", file=sys.stderr)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    return 0
+
+
+def _request(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import httpx
+
+    headers = {"authorization": f"Bearer {args.key}"} if args.key else {}
+    try:
+        r = httpx.request(method, args.url.rstrip("/") + path, json=body, headers=headers, timeout=120)
+    except httpx.HTTPError as e:
+        raise ConfigError(f"cannot reach the gateway at {args.url} ({e}); is `tsugiki serve` running? "
+                          "pass --url or set TSUGIKI_URL") from e
+    if r.status_code >= 400:
+        try:
+            msg = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = r.text
+        raise TsugikiError(f"{r.status_code}: {msg}")
+    return r.json()
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        data = _request(args, "GET", "/v1/adapters")["data"]
+        for a in data:
+            print(f"{a['name']}\tv{a['version']}\t{a['digest'][:12]}\t{a['source']}")
+        if not data:
+            print("no adapters loaded", file=sys.stderr)
+    elif args.action == "load":
+        if not args.path:
+            raise ConfigError("usage: tsugiki adapters load NAME PATH")
+        a = _request(args, "POST", "/v1/adapters", {"name": args.name, "path": os.path.abspath(args.path)})
+        print(f"loaded {a['name']} v{a['version']} ({a['digest'][:12]})")
+    else:
+        a = _request(args, "DELETE", f"/v1/adapters/{args.name}")
+        print(f"unloaded {a['name']} v{a['version']}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tsugiki.config import ModelConfig
+    from tsugiki.serve.base_model import convert_default_model
+
+    print(convert_default_model(ModelConfig().cache_dir, progress=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tsugiki", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the base model and adapters over an OpenAI-compatible API (Ray Serve)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--base-model", help="local transformers model directory (default: embedded SmolLM2-135M)")
+    s.add_argument("--adapter-dir", help="adapter store directory (default: ~/.cache/tsugiki/adapters)")
+    s.add_argument("--config", help="YAML or JSON settings file (sections: model, adapters, engine, server)")
+    s.set_defaults(func=cmd_serve)
+    a = sub.add_parser("adapters", help="list, load or unload adapters on a running gateway")
+    a.add_argument("action", choices=["list", "load", "unload"])
+    a.add_argument("name", nargs="?")
+    a.add_argument("path", nargs="?")
+    a.add_argument("--url", default=os.environ.get("TSUGIKI_URL", "http://127.0.0.1:8000"))
+    a.add_argument("--key", default=os.environ.get("TSUGIKI_ADMIN_KEY"))
+    a.set_defaults(func=cmd_adapters)
+    c = sub.add_parser("convert", help="convert and cache the embedded default model")
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "action", None) in ("load", "unload") and not args.name:
+        print(f"tsugiki: error: `tsugiki adapters {args.action}` needs an adapter NAME", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except TsugikiError as e:
+        print(f"tsugiki: error: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

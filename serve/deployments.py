@@ -1,0 +1,192 @@
+"""The Ray Serve application: a thin shell over :mod:`tsugiki.serve.api` and :mod:`tsugiki.serve.server`.
+
+Two deployments:
+
+* ``LLMServer`` hosts the base model, its adapters and the batching engine (one per replica; replicas,
+  autoscaling and ``num_gpus`` come from the Ray Serve config).
+* ``Gateway`` is the HTTP ingress: the OpenAI API, built at replica start by ``__serve_build_asgi_app__``.
+
+Adapter state lives in the shared adapter store, so a load or unload made through any replica reaches every
+replica (each loads on first use and drops unloaded versions within a second). Engine metrics of every model
+replica are pushed to the ``TelemetryHub`` actor, and the gateway's ``/metrics`` re-exports them labelled by
+replica, so one scrape sees the whole application.
+
+Use it with ``tsugiki serve``, or with Ray's own ``serve run deploy/serve_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from tsugiki.config import Settings, load_settings
+from tsugiki.serve.api import build_app
+from tsugiki.serve.base_model import resolve_base_model
+from tsugiki.serve.server import ModelServer
+
+logger = logging.getLogger(__name__)
+
+HUB_NAME = "tsugiki-telemetry"
+HUB_NAMESPACE = "tsugiki"
+PUSH_INTERVAL_S = 2.0
+
+
+@ray.remote(num_cpus=0)
+class TelemetryHub:
+    """Latest metrics exposition text of each model replica; entries older than ``max_age_s`` are dropped."""
+
+    def __init__(self, max_age_s: float = 30.0) -> None:
+        self._texts: dict[str, tuple[float, str]] = {}
+        self._max_age = max_age_s
+
+    def push(self, source: str, text: str) -> None:
+        self._texts[source] = (time.time(), text)
+
+    def collect(self) -> dict[str, str]:
+        now = time.time()
+        self._texts = {k: v for k, v in self._texts.items() if now - v[0] <= self._max_age}
+        return {k: v[1] for k, v in self._texts.items()}
+
+
+def telemetry_hub() -> Any:
+    return TelemetryHub.options(name=HUB_NAME, namespace=HUB_NAMESPACE, lifetime="detached",
+                                get_if_exists=True).remote()
+
+
+@serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
+class LLMServer:
+    """Model replica: a :class:`ModelServer` plus a task pushing its metrics to the hub."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.server = ModelServer(Settings.model_validate(settings))
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id if ctx is not None else "local"
+        self._hub = telemetry_hub()
+        self._pusher = asyncio.get_event_loop().create_task(self._push_metrics())
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                await self._hub.push.remote(self.replica, self.server.metrics_text())
+            except Exception:  # metrics must never take a replica down
+                logger.warning("metrics push failed", exc_info=True)
+            await asyncio.sleep(PUSH_INTERVAL_S)
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for ev in self.server.generate(payload):
+            yield ev
+
+    async def describe(self) -> dict[str, Any]:
+        return await self.server.describe()
+
+    async def list_adapters(self) -> list[dict[str, Any]]:
+        return await self.server.list_adapters()
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        return await self._call(self.server.load_adapter(name, path))
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
+        return await self._call(self.server.unload_adapter(name))
+
+    @staticmethod
+    async def _call(coro: Any) -> dict[str, Any]:
+        # Errors cross the process boundary as plain dicts; the gateway turns them back into TsugikiErrors.
+        from tsugiki.errors import TsugikiError
+
+        try:
+            return {"ok": await coro}
+        except TsugikiError as e:
+            return {"error": e.to_dict()}
+
+    async def metrics_text(self) -> str:
+        return self.server.metrics_text()
+
+    def check_health(self) -> None:
+        if not self.server.engine._thread.is_alive():
+            raise RuntimeError("engine thread died")
+
+
+class RayClient:
+    """The gateway's :class:`~tsugiki.serve.api.ModelClient` over the LLMServer deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+        self.stream = handle.options(stream=True)
+        self.hub = telemetry_hub()
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for ev in self.stream.generate.remote(payload):
+            yield ev
+
+    async def describe(self) -> dict[str, Any]:
+        return await self.handle.describe.remote()  # type: ignore[no-any-return]
+
+    async def list_adapters(self) -> list[dict[str, Any]]:
+        return await self.handle.list_adapters.remote()  # type: ignore[no-any-return]
+
+    async def _unwrap(self, res: dict[str, Any]) -> dict[str, Any]:
+        from tsugiki.errors import TsugikiError
+
+        if "error" in res:
+            raise TsugikiError.from_dict(res["error"])
+        return res["ok"]  # type: ignore[no-any-return]
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        return await self._unwrap(await self.handle.load_adapter.remote(name, path))
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
+        return await self._unwrap(await self.handle.unload_adapter.remote(name))
+
+    async def metrics_texts(self) -> dict[str, str]:
+        return await self.hub.collect.remote()  # type: ignore[no-any-return]
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=1024)
+@serve.ingress()
+class Gateway:
+    """HTTP ingress: the OpenAI-compatible API over the LLMServer deployment."""
+
+    def __init__(self, llm: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self._llm = llm
+        self._settings = Settings.model_validate(settings)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_app(RayClient(self._llm), self._settings.server, echo_request_id=False)
+
+
+def resolved_settings(settings: Settings) -> dict[str, Any]:
+    """Settings with every path made absolute and the base model resolved (converted once, here, with progress)."""
+    base = resolve_base_model(settings.model, progress=True)
+    model = settings.model.model_copy(update={
+        "base_model": str(base),
+        "served_name": settings.model.served_name or (
+            "SmolLM2-135M-Instruct" if settings.model.base_model in (None, "default") else base.name)})
+    adapters = settings.adapters.model_copy(update={"store_dir": settings.store_dir(),
+                                                    "roots": settings.adapter_roots()})
+    return settings.model_copy(update={"model": model, "adapters": adapters}).model_dump(mode="json")
+
+
+def build_application(settings: Settings) -> serve.Application:
+    data = resolved_settings(settings)
+    srv = settings.server
+    llm = LLMServer.options(num_replicas=srv.model_replicas,
+                            ray_actor_options={"num_cpus": srv.model_num_cpus, "num_gpus": srv.model_num_gpus})
+    return Gateway.bind(llm.bind(data), data)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for ``serve run`` / ``serve deploy``: ``args`` may hold ``config_file`` and settings sections.
+
+    Replica counts, autoscaling and ``ray_actor_options`` set per deployment in the Serve config file override
+    the defaults built here.
+    """
+    args = dict(args or {})
+    config_file = args.pop("config_file", None)
+    return build_application(load_settings(config_file, **args))
