@@ -15,6 +15,7 @@ left are trimmed.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
@@ -107,6 +108,8 @@ class EngineCore:
         self.metrics = metrics
         self.device = next(model.parameters()).device
         self._lora_batch, self.lora_layers = inject_multi_lora(model)
+        # transformers renamed `past_key_values` to `cache` in 5.x; use whichever this version takes.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.shapes = {n: (m.in_features, m.out_features) for n, m in self.lora_layers.items()}
         self.cache = AdapterCache(adapter_cfg.max_loaded, self._evict)
         self._waiting: deque[tuple[GenerationRequest, Sink]] = deque()
@@ -234,8 +237,8 @@ class EngineCore:
     def _forward(self, input_ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor, kv: Any,
                  keys: list[str | None]) -> torch.Tensor:
         self._lora_batch.set(keys)
-        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=kv,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kw: kv})
         return out.logits[:, -1, :]
 
     def _prefill(self, new: list[_Seq]) -> None:

@@ -43,7 +43,7 @@ def make_tiny_llama(path: Path, *, layers: int = 2, seed: int = 0) -> Path:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, initializer_range=0.2)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -1,0 +1,122 @@
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tsugiki.adapters.format import check_fits, content_digest, read_lora_artifact
+from tsugiki.errors import AdapterError
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _shapes(layers: int = 2) -> dict[str, tuple[int, int]]:
+    out = {}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out.update({f"{p}.self_attn.q_proj": (64, 64), f"{p}.self_attn.k_proj": (64, 32),
+                    f"{p}.self_attn.v_proj": (64, 32), f"{p}.self_attn.o_proj": (64, 64),
+                    f"{p}.mlp.gate_proj": (64, 128), f"{p}.mlp.up_proj": (64, 128), f"{p}.mlp.down_proj": (128, 64)})
+    return out
+
+
+def test_reads_peft_artifact_with_scaling(lora_all: Path, lora_qv: Path) -> None:
+    w = read_lora_artifact(lora_all)
+    assert len(w.modules) == 14 and w.max_rank == 8
+    a, b = w.modules["model.layers.0.self_attn.q_proj"]
+    assert a.shape == (8, 64) and b.shape == (64, 8)
+    assert w.scaling["model.layers.0.self_attn.q_proj"] == pytest.approx(16 / 8)
+    qv = read_lora_artifact(lora_qv)
+    assert set(qv.modules) == {f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")}
+    assert qv.scaling["model.layers.1.self_attn.v_proj"] == pytest.approx(1.0)
+    check_fits(w, _shapes(), max_rank=64, base_name="tiny", where="'a'")
+
+
+def test_rslora_scaling(lora_all: Path, tmp_path: Path) -> None:
+    d = _copy(lora_all, tmp_path / "rs")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["use_rslora"] = True
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    w = read_lora_artifact(d)
+    assert w.scaling["model.layers.0.mlp.up_proj"] == pytest.approx(16 / math.sqrt(8))
+
+
+def test_digest_changes_with_content(lora_all: Path, lora_other: Path) -> None:
+    assert content_digest(lora_all) == content_digest(lora_all)
+    assert content_digest(lora_all) != content_digest(lora_other)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "does not exist"),
+    ("not_dir", "is not a directory"),
+    ("no_config", "has no adapter_config.json"),
+    ("pickle_only", "pickle, which tsugiki never loads"),
+    ("corrupt_weights", "not a readable safetensors file"),
+    ("bad_json", "not valid JSON"),
+    ("nan", "NaN or infinite"),
+    ("not_lora", "LoRA adapters only"),
+    ("dora", "DoRA adapters are not supported"),
+    ("half_pair", "but not its partner"),
+    ("embedding", "not a LoRA A/B weight of a linear layer"),
+])
+def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: Path) -> None:
+    d = tmp_path / "a"
+    if case == "missing":
+        pass
+    elif case == "not_dir":
+        d.write_text("x")
+    else:
+        _copy(lora_all, d)
+        cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+        cfg = json.loads(cfg_file.read_text())
+        tensors = load_file(weights)
+        if case == "no_config":
+            cfg_file.unlink()
+        elif case == "pickle_only":
+            weights.rename(d / "adapter_model.bin")
+        elif case == "corrupt_weights":
+            weights.write_bytes(b"\x00garbage" * 100)
+        elif case == "bad_json":
+            cfg_file.write_text("{not json")
+        elif case == "nan":
+            k = next(iter(tensors))
+            tensors[k][0, 0] = float("nan")
+            save_file(tensors, weights)
+        elif case == "not_lora":
+            cfg["peft_type"] = "IA3"
+            cfg_file.write_text(json.dumps(cfg))
+        elif case == "dora":
+            cfg["use_dora"] = True
+            cfg_file.write_text(json.dumps(cfg))
+        elif case == "half_pair":
+            k = next(k for k in tensors if "lora_B" in k)
+            del tensors[k]
+            save_file(tensors, weights)
+        elif case == "embedding":
+            tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 10)
+            save_file(tensors, weights)
+    with pytest.raises(AdapterError, match=match):
+        read_lora_artifact(d)
+
+
+def test_refuses_adapter_that_does_not_fit(foreign_lora: Path, lora_all: Path) -> None:
+    w = read_lora_artifact(foreign_lora)
+    with pytest.raises(AdapterError, match="does not have as an adaptable linear layer"):
+        check_fits(w, _shapes(), max_rank=64, base_name="tiny", where="'f'")
+    shapes = _shapes()
+    shapes["model.layers.0.mlp.up_proj"] = (64, 256)
+    with pytest.raises(AdapterError, match=r"maps 64->128 features but base model 'tiny' has 64->256"):
+        check_fits(read_lora_artifact(lora_all), shapes, max_rank=64, base_name="tiny", where="'a'")
+    with pytest.raises(AdapterError, match="rank 8 .* above the limit of 4"):
+        check_fits(read_lora_artifact(lora_all), _shapes(), max_rank=4, base_name="tiny", where="'a'")
+
+
+def test_refuses_oversized_file(lora_all: Path) -> None:
+    with pytest.raises(AdapterError, match="above the limit"):
+        read_lora_artifact(lora_all, max_file_bytes=100)

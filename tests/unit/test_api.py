@@ -1,0 +1,201 @@
+"""The HTTP API over an in-process ModelServer on the tiny model: OpenAI shapes, adapters, errors, auth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from tsugiki.config import load_settings
+from tsugiki.serve.api import LocalClient, build_app
+from tsugiki.serve.server import ModelServer
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+USER = {"authorization": "Bearer user-secret"}
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dir: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    store = tmp_path_factory.mktemp("store")
+    settings = load_settings(model={"base_model": str(tiny_dir), "served_name": "tiny"},
+                             adapters={"store_dir": str(store), "roots": [str(adapter_root)]},
+                             server={"api_keys": ["user-secret"], "admin_key": "admin-secret"})
+    server = ModelServer(settings)
+    registry = CollectorRegistry()
+    app = build_app(LocalClient(server), settings.server, registry=registry)
+    with TestClient(app) as client:
+        yield client, server, registry
+    server.shutdown()
+
+
+def _metric(client: TestClient, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_health_ready_models(env: tuple) -> None:
+    client, _, _ = env
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["base_model"] == "tiny"
+    models = client.get("/v1/models", headers=USER).json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["parent"] is None
+    assert r.headers["x-request-id"].startswith("req-")
+    assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+
+
+def test_completion_chat_stream_and_logprobs(env: tuple) -> None:
+    client, _, _ = env
+    r = client.post("/v1/completions", headers=USER,
+                    json={"model": "tiny", "prompt": "the quick", "max_tokens": 5, "temperature": 0, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 5
+    lp = body["choices"][0]["logprobs"]
+    # legacy format: a dict per position, so two top tokens that decode to the same text collapse into one
+    assert len(lp["tokens"]) == 5 and all(1 <= len(t) <= 2 for t in lp["top_logprobs"])
+    assert body["id"] == f"cmpl-{r.headers['x-request-id']}"
+    r = client.post("/v1/chat/completions", headers=USER,
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+                          "temperature": 0, "logprobs": True, "top_logprobs": 3})
+    chat = r.json()
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert len(chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 3
+    with client.stream("POST", "/v1/chat/completions", headers=USER,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+                             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}) as s:
+        lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert streamed == chat["choices"][0]["message"]["content"]
+
+
+def test_adapter_lifecycle_and_per_adapter_metrics(env: tuple, lora_all: Path, lora_other: Path,
+                                                   adapter_root: Path) -> None:
+    client, _, _ = env
+    req = {"model": "intent", "prompt": "the quick brown", "max_tokens": 6, "temperature": 0}
+    assert client.post("/v1/completions", headers=USER, json=req).status_code == 404
+    r = client.post("/v1/adapters", headers=ADMIN, json={"name": "intent", "path": str(lora_all)})
+    assert r.status_code == 201 and r.json()["version"] == 1
+    first = client.post("/v1/completions", headers=USER, json=req).json()["choices"][0]["text"]
+    base = client.post("/v1/completions", headers=USER, json={**req, "model": "tiny"}).json()["choices"][0]["text"]
+    assert first != base
+    models = {m["id"]: m for m in client.get("/v1/models", headers=USER).json()["data"]}
+    assert models["intent"]["parent"] == "tiny" and models["intent"]["version"] == 1
+    # a changed adapter under the same name is a new version; the old weights are never served again
+    staging = adapter_root / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(lora_other, staging)
+    r = client.post("/v1/load_lora_adapter", headers=ADMIN, json={"lora_name": "intent", "lora_path": str(staging)})
+    assert r.status_code == 200 and "added successfully" in r.text
+    assert client.get("/v1/adapters", headers=ADMIN).json()["data"][0]["version"] == 2
+    second = client.post("/v1/completions", headers=USER, json=req).json()["choices"][0]["text"]
+    assert second != first
+    assert _metric(client, "tsugiki_requests_total", adapter="intent", outcome="success") == 2
+    assert _metric(client, "tsugiki_completion_tokens_total", adapter="intent") == 12
+    assert _metric(client, "tsugiki_adapters_loaded") >= 1
+    assert _metric(client, "tsugiki_adapter_load_seconds_count") >= 2
+    r = client.post("/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": "intent"})
+    assert r.status_code == 200
+    assert client.post("/v1/completions", headers=USER, json=req).status_code == 404
+    assert client.delete("/v1/adapters/intent", headers=ADMIN).status_code == 404
+
+
+BAD = [
+    ("malformed json", "/v1/completions", "{not json", 400, "not valid JSON"),
+    ("wrong type", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ("unknown model", "/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+    ("prompt too long", "/v1/completions", {"model": "tiny", "prompt": "hello " * 400}, 400,
+     "maximum context length is 256"),
+    ("prompt + max_tokens too long", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 255}, 400,
+     "maximum context length"),
+    ("max_tokens zero", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens over limit", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 100000}, 400,
+     "above this server's limit"),
+    ("empty messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "at least one message"),
+    ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "role"),
+    ("empty prompt", "/v1/completions", {"model": "tiny", "prompt": ""}, 400, "non-empty"),
+    ("temperature out of range", "/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": 9}, 400,
+     "temperature"),
+    ("body not an object", "/v1/completions", "[1, 2]", 400, "JSON object"),
+    ("unknown route", "/v1/nothing", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("what, path, body, status, match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_openai_error(env: tuple, what: str, path: str, body: object, status: int,
+                                     match: str) -> None:
+    client, _, _ = env
+    kw = {"content": body} if isinstance(body, str) else {"json": body}
+    r = client.post(path, headers=USER, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and match in err["message"]
+    assert "x-request-id" in r.headers
+    ok = client.post("/v1/completions", headers=USER, json={"model": "tiny", "prompt": "hi", "max_tokens": 1})
+    assert ok.status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("what, body, status, match", [
+    ("missing path", {"name": "x", "path": "/definitely/not/here"}, 403, "outside the allowed adapter roots"),
+    ("outside roots", {"name": "x", "path": "/etc"}, 403, "outside the allowed adapter roots"),
+    ("relative path", {"name": "x", "path": "a/b"}, 400, "must be absolute"),
+    ("bad name", {"name": "../etc", "path": "/tmp"}, 400, "adapter name '../etc' is invalid"),
+])
+def test_bad_adapter_requests(env: tuple, what: str, body: dict, status: int, match: str) -> None:
+    client, _, _ = env
+    r = client.post("/v1/adapters", headers=ADMIN, json=body)
+    assert r.status_code == status and match in r.json()["error"]["message"]
+
+
+def test_corrupt_and_foreign_adapters_are_refused_and_replica_keeps_serving(env: tuple, adapter_root: Path,
+                                                                           foreign_lora: Path,
+                                                                           lora_all: Path) -> None:
+    client, _, _ = env
+    corrupt = adapter_root / "corrupt"
+    shutil.rmtree(corrupt, ignore_errors=True)
+    shutil.copytree(lora_all, corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"garbage" * 50)
+    r = client.post("/v1/adapters", headers=ADMIN, json={"name": "c", "path": str(corrupt)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "corrupt_adapter"
+    foreign = adapter_root / "foreign"
+    shutil.rmtree(foreign, ignore_errors=True)
+    shutil.copytree(foreign_lora, foreign)
+    r = client.post("/v1/adapters", headers=ADMIN, json={"name": "f", "path": str(foreign)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_mismatch"
+    missing = adapter_root / "missing"
+    r = client.post("/v1/adapters", headers=ADMIN, json={"name": "m", "path": str(missing)})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+    assert client.get("/v1/adapters", headers=ADMIN).json()["data"] == [] or all(
+        a["name"] not in ("c", "f", "m") for a in client.get("/v1/adapters", headers=ADMIN).json()["data"])
+    ok = client.post("/v1/completions", headers=USER, json={"model": "tiny", "prompt": "hi", "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+def test_access_control(env: tuple, lora_all: Path) -> None:
+    client, _, _ = env
+    req = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    before = _metric(client, "tsugiki_requests_total", adapter="tiny")
+    r = client.post("/v1/completions", json=req)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert client.post("/v1/completions", json=req, headers={"authorization": "Bearer wrong"}).status_code == 401
+    # the inference key does not manage adapters
+    r = client.post("/v1/adapters", headers=USER, json={"name": "x", "path": str(lora_all)})
+    assert r.status_code == 401 and "adapter management" in r.json()["error"]["message"]
+    assert client.get("/v1/adapters", headers=USER).status_code == 401
+    assert _metric(client, "tsugiki_requests_total", adapter="tiny") == before  # refused before inference
+    assert client.post("/v1/completions", json=req, headers=USER).status_code == 200

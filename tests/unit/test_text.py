@@ -1,0 +1,23 @@
+from tsugiki.serve.text import TextStream
+from tests.helpers import make_tokenizer
+
+
+def test_stop_string_split_across_tokens_is_held_back_and_cut() -> None:
+    tok = make_tokenizer()
+    ids = tok("hello world, how are you today?")["input_ids"]
+    s = TextStream(tok, stop=("how are",))
+    out = ""
+    for t in ids:
+        out += s.push(t)
+        if s.stopped:
+            break
+    assert s.stopped and out == "hello world, "
+
+
+def test_flush_releases_partial_stop_prefix() -> None:
+    tok = make_tokenizer()
+    ids = tok("hello world, ho")["input_ids"]
+    s = TextStream(tok, stop=("how are",))
+    out = "".join(s.push(t) for t in ids)
+    assert not out.endswith("ho")
+    assert out + s.flush() == "hello world, ho"
