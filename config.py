@@ -134,7 +134,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         try:
             text = path.read_text()
         except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}; pass an existing YAML or JSON file") from e
+            raise ConfigError(
+                f"cannot read config file {path}: {e.strerror}; pass an existing YAML or JSON file") from e
         try:
             loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as e:

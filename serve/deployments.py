@@ -56,8 +56,8 @@ class TelemetryHub:
 
 
 def telemetry_hub() -> Any:
-    return TelemetryHub.options(name=HUB_NAME, namespace=HUB_NAMESPACE, lifetime="detached",
-                                get_if_exists=True).remote()
+    hub: Any = TelemetryHub
+    return hub.options(name=HUB_NAME, namespace=HUB_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
 
 
 @serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
@@ -122,7 +122,8 @@ class RayClient:
         self.hub = telemetry_hub()
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for ev in self.stream.generate.remote(payload):
+        gen: Any = self.stream.generate.remote(payload)
+        async for ev in gen:
             yield ev
 
     async def describe(self) -> dict[str, Any]:
@@ -176,9 +177,11 @@ def resolved_settings(settings: Settings) -> dict[str, Any]:
 def build_application(settings: Settings) -> serve.Application:
     data = resolved_settings(settings)
     srv = settings.server
-    llm = LLMServer.options(num_replicas=srv.model_replicas,
-                            ray_actor_options={"num_cpus": srv.model_num_cpus, "num_gpus": srv.model_num_gpus})
-    return Gateway.bind(llm.bind(data), data)
+    llm_deployment: Any = LLMServer  # the @serve.deployment decorator hides .options/.bind from type checkers
+    gateway: Any = Gateway
+    llm = llm_deployment.options(num_replicas=srv.model_replicas,
+                                 ray_actor_options={"num_cpus": srv.model_num_cpus, "num_gpus": srv.model_num_gpus})
+    return gateway.bind(llm.bind(data), data)  # type: ignore[no-any-return]
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

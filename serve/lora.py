@@ -109,7 +109,8 @@ class MultiLoRALinear(nn.Module):
 
 def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers adapters may target: every ``nn.Linear`` except the output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and m is not head and not isinstance(m, MultiLoRALinear)}
 

@@ -111,7 +111,8 @@ def test_mixed_adapters_share_batches(gateway: Gateway, real_adapters: dict[str,
     assert alone == texts[2]  # a row in a mixed batch answers as the adapter does alone
 
     def mean_batch() -> float:
-        s, n = metric(gateway, "tsugiki_batch_size_sum") - before[0], metric(gateway, "tsugiki_batch_size_count") - before[1]
+        s = metric(gateway, "tsugiki_batch_size_sum") - before[0]
+        n = metric(gateway, "tsugiki_batch_size_count") - before[1]
         return s / n if n else 0.0
 
     wait_for(lambda: mean_batch() > 0)

@@ -50,7 +50,8 @@ class Collector:
         return "".join(e.text for e in self.events[rid])
 
 
-def _reference(tiny_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
+def _reference(tiny_dir: Path, adapter_dir: Path | None, prompt_ids: list[int],
+               n: int) -> tuple[list[int], list[float]]:
     """Greedy tokens and their log-probs from a plain transformers/PEFT model running this request alone."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     if adapter_dir is not None:

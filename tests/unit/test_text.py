@@ -1,5 +1,5 @@
-from tsugiki.serve.text import TextStream
 from tests.helpers import make_tokenizer
+from tsugiki.serve.text import TextStream
 
 
 def test_stop_string_split_across_tokens_is_held_back_and_cut() -> None:
