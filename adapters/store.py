@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,9 +71,15 @@ class AdapterStore:
         self._index_path = self.root / "index.json"
         self._stamp: tuple[int, int] | None = None
         self._index: dict[str, Any] = {"adapters": {}}
+        # The engine thread and request threads share one store object; the lock keeps the cached index whole.
+        self._mutex = threading.RLock()
 
     # ---- reading -------------------------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
+        with self._mutex:
+            return self._load_locked()
+
+    def _load_locked(self) -> dict[str, Any]:
         try:
             st = self._index_path.stat()
         except FileNotFoundError:
@@ -122,7 +129,7 @@ class AdapterStore:
     # ---- writing -------------------------------------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
-        with open(self.root / ".lock", "w") as lock:
+        with self._mutex, open(self.root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._stamp = None
             index = self._load()

@@ -91,7 +91,11 @@ class ModelServer:
         return real
 
     async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
-        """Validate ``path`` against the base model, store it as a new version of ``name`` and make it servable."""
+        """Validate ``path`` against the base model, store it as a new version of ``name`` and make it servable.
+
+        The new version is installed on this replica at once, unless every cache slot is pinned by running
+        requests; then (as on every other replica) it is read from the store when a request first uses it.
+        """
         check_name(name)
         if name == self.info.name:
             raise InvalidRequestError(f"adapter name {name!r} is the base model's name; choose another", param="name")
@@ -135,7 +139,7 @@ class ModelServer:
             return list(prompt)
         if not isinstance(prompt, str) or prompt == "":
             raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
-        return list(tok(prompt, add_special_tokens=False)["input_ids"])
+        return list(tok(prompt)["input_ids"])  # special tokens (e.g. BOS) as the tokenizer adds them, like vLLM
 
     def _resolve_model(self, model: str) -> str | None:
         if model == self.info.name:
