@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -28,8 +29,10 @@ def test_serve_run_with_deploy_config(tmp_path: Path, default_model_dir: Path, r
     llm["num_replicas"] = 2  # replica count and resources come from the config
     llm["ray_actor_options"]["num_cpus"] = 0.5  # two replicas plus the gateway fit on a 2-core machine
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    serve_bin = shutil.which("serve")
-    assert serve_bin, "Ray's `serve` CLI is missing"
+    # Ray's `serve` CLI sits beside this interpreter (the venv need not be activated, as in .ci/run)
+    beside = Path(sys.executable).parent / "serve"
+    serve_bin = str(beside) if beside.is_file() else shutil.which("serve")
+    assert serve_bin, "Ray's `serve` CLI is missing: pip install 'ray[serve]'"
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([serve_bin, "run", str(tmp_path / "serve.yaml")], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
