@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tsugiki.errors import ConfigError
+from tsugiki.monitoring.monitor import MonitorConfig
 
 
 def default_home() -> Path:
@@ -94,9 +95,13 @@ class Settings(_Frozen):
     adapters: AdapterConfig = AdapterConfig()
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     def store_dir(self) -> Path:
         return (self.adapters.store_dir or default_home() / "adapters").expanduser().resolve()
+
+    def monitor_dir(self) -> Path:
+        return (self.monitor.state_dir or default_home() / "monitor").expanduser().resolve()
 
     def adapter_roots(self) -> tuple[Path, ...]:
         return tuple(p.expanduser().resolve() for p in self.adapters.roots) + (self.store_dir(),)
@@ -141,7 +146,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         except (ValueError, yaml.YAMLError) as e:
             raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (model, adapters, engine, server)")
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model, adapters, engine, server, "
+                              "monitor)")
         data = loaded or {}
     data = _deep_merge(data, _env_overrides())
     data = _deep_merge(data, {k: v for k, v in overrides.items() if v is not None})

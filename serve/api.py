@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tsugiki.config import ServerConfig
-from tsugiki.errors import AuthenticationError, InvalidRequestError, TsugikiError
+from tsugiki.errors import AuthenticationError, InvalidRequestError, NotFoundError, OverloadedError, TsugikiError
 from tsugiki.serve.metrics import GatewayMetrics, MergedExpositions
 from tsugiki.serve.protocol import (
     ChatRequest,
@@ -53,12 +53,19 @@ class ModelClient(Protocol):
 
     async def metrics_texts(self) -> dict[str, str]: ...
 
+    async def monitor_events(self, adapter: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    async def monitor_status(self, adapter: str) -> dict[str, Any]: ...
+
+    async def monitor_reset(self, adapter: str) -> dict[str, Any]: ...
+
 
 class LocalClient:
-    """A :class:`ModelClient` over an in-process ModelServer (tests, benchmarks, single-process use)."""
+    """A :class:`ModelClient` over an in-process ModelServer and Monitor (tests, benchmarks, one process)."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any, monitor: Any = None) -> None:
         self.server = server
+        self.monitor = monitor
 
     def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self.server.generate(payload)  # type: ignore[no-any-return]
@@ -76,7 +83,24 @@ class LocalClient:
         return await self.server.unload_adapter(name)  # type: ignore[no-any-return]
 
     async def metrics_texts(self) -> dict[str, str]:
-        return {"local": self.server.metrics_text()}
+        texts = {"local": self.server.metrics_text()}
+        if self.monitor is not None:
+            texts["monitor"] = generate_latest(self.monitor.registry).decode()
+        return texts
+
+    def _monitor(self) -> Any:
+        if self.monitor is None:
+            raise OverloadedError("the monitor is not running", code="monitor_unavailable")
+        return self.monitor
+
+    async def monitor_events(self, adapter: str | None, limit: int) -> list[dict[str, Any]]:
+        return self._monitor().events(adapter, limit)  # type: ignore[no-any-return]
+
+    async def monitor_status(self, adapter: str) -> dict[str, Any]:
+        return self._monitor().status(adapter)  # type: ignore[no-any-return]
+
+    async def monitor_reset(self, adapter: str) -> dict[str, Any]:
+        return self._monitor().reset(adapter)  # type: ignore[no-any-return]
 
 
 def error_response(err: TsugikiError, request_id: str | None = None) -> JSONResponse:
@@ -277,6 +301,27 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         await _unload(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    # ---- monitoring ------------------------------------------------------------------------------------------
+    @app.get("/v1/monitor/events")
+    async def monitor_events(request: Request, adapter: str | None = None, limit: int = 100) -> dict[str, Any]:
+        auth.inference(request)
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}", param="limit")
+        return {"object": "list", "data": await client.monitor_events(adapter, limit)}
+
+    @app.get("/v1/monitor/adapters/{name}")
+    async def monitor_adapter(name: str, request: Request) -> dict[str, Any]:
+        auth.inference(request)
+        if await label_for(name) == "unknown":
+            raise NotFoundError(f"{name!r} is neither the base model nor a loaded adapter", param="name",
+                                code="model_not_found")
+        return await client.monitor_status(name)
+
+    @app.post("/v1/monitor/adapters/{name}/reset")
+    async def monitor_reset(name: str, request: Request) -> dict[str, Any]:
+        auth.admin(request)
+        return await client.monitor_reset(name)
+
     # ---- inference -------------------------------------------------------------------------------------------
     async def run(request: Request, body: CompletionRequest | ChatRequest, chat: bool) -> Response:
         rid: str = request.state.request_id
@@ -301,12 +346,18 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
             return error_response(err, rid)
         prompt_tokens = int(first["prompt_tokens"])
         rec = _Recorder(metrics, label, t0, prompt_tokens)
+        headers = {}
+        if first.get("noise") is not None:
+            # Applications can act on noisy input (ask to rephrase, route to a robust adapter).
+            headers["x-tsugiki-noise-score"] = f"{first['noise']['score']:.3f}"
+            headers["x-tsugiki-noise-reasons"] = ",".join(first["noise"]["reasons"]) or "none"
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _sse(events, rec, ident, created, body.model, chat, include_usage)
-            return StreamingResponse(gen, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+            return StreamingResponse(gen, media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", **headers})
         text, lps, finish, completion, engine_s = [], [], None, 0, 0.0
         async for ev in events:
             if ev["type"] == "error":
@@ -332,7 +383,7 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
                       "logprobs": _completion_logprobs(lps) if payload["logprobs"] else None}
         out = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                "model": body.model, "choices": [choice], "usage": usage}
-        return JSONResponse(out, headers={"x-engine-time-ms": f"{engine_s * 1000:.3f}"})
+        return JSONResponse(out, headers={"x-engine-time-ms": f"{engine_s * 1000:.3f}", **headers})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -23,10 +23,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from prometheus_client import CollectorRegistry, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from tsugiki.config import Settings, load_settings
+from tsugiki.monitoring.monitor import Monitor
 from tsugiki.serve.api import build_app
 from tsugiki.serve.base_model import resolve_base_model
 from tsugiki.serve.server import ModelServer
@@ -60,24 +62,64 @@ def telemetry_hub() -> Any:
     return hub.options(name=HUB_NAME, namespace=HUB_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
 
 
-@serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
-class LLMServer:
-    """Model replica: a :class:`ModelServer` plus a task pushing its metrics to the hub."""
+class _PushesMetrics:
+    """Pushes this replica's metrics exposition to the TelemetryHub every few seconds."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.server = ModelServer(Settings.model_validate(settings))
+    registry: CollectorRegistry
+
+    def _start_push(self, prefix: str) -> None:
         ctx = serve.get_replica_context()
-        self.replica = ctx.replica_id.unique_id if ctx is not None else "local"
+        self.replica = f"{prefix}-{ctx.replica_id.unique_id}" if ctx is not None else prefix
         self._hub = telemetry_hub()
         self._pusher = asyncio.get_event_loop().create_task(self._push_metrics())
 
     async def _push_metrics(self) -> None:
         while True:
             try:
-                await self._hub.push.remote(self.replica, self.server.metrics_text())
+                await self._hub.push.remote(self.replica, generate_latest(self.registry).decode())
             except Exception:  # metrics must never take a replica down
                 logger.warning("metrics push failed", exc_info=True)
             await asyncio.sleep(PUSH_INTERVAL_S)
+
+
+@serve.deployment(name="Monitor", num_replicas=1, max_ongoing_requests=64)
+class MonitorDeployment(_PushesMetrics):
+    """The one owner of drift state for the application (state persists in ``monitor.state_dir``)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.monitor = Monitor(Settings.model_validate(settings).monitor)
+        self.registry = self.monitor.registry
+        self._start_push("monitor")
+
+    def observe(self, batch: list[dict[str, Any]]) -> int:
+        return self.monitor.observe(batch)
+
+    def events(self, adapter: str | None, limit: int) -> list[dict[str, Any]]:
+        return self.monitor.events(adapter, limit)
+
+    def status(self, adapter: str) -> dict[str, Any]:
+        return self.monitor.status(adapter)
+
+    def reset(self, adapter: str) -> dict[str, Any]:
+        return self.monitor.reset(adapter)
+
+    def set_reference(self, adapter: str, features: Any) -> dict[str, Any]:
+        return self.monitor.set_reference(adapter, features)
+
+
+@serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
+class LLMServer(_PushesMetrics):
+    """Model replica: a :class:`ModelServer` shipping observations to the monitor and metrics to the hub."""
+
+    def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None) -> None:
+        sink = None
+        if monitor is not None:
+            async def sink(batch: list[dict[str, Any]]) -> None:
+                await monitor.observe.remote(batch)
+
+        self.server = ModelServer(Settings.model_validate(settings), monitor_sink=sink)
+        self.registry = self.server.registry
+        self._start_push("llm")
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for ev in self.server.generate(payload):
@@ -116,9 +158,10 @@ class LLMServer:
 class RayClient:
     """The gateway's :class:`~tsugiki.serve.api.ModelClient` over the LLMServer deployment handle."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, monitor: DeploymentHandle) -> None:
         self.handle = handle
         self.stream = handle.options(stream=True)
+        self.monitor = monitor
         self.hub = telemetry_hub()
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -148,18 +191,28 @@ class RayClient:
     async def metrics_texts(self) -> dict[str, str]:
         return await self.hub.collect.remote()  # type: ignore[no-any-return]
 
+    async def monitor_events(self, adapter: str | None, limit: int) -> list[dict[str, Any]]:
+        return await self.monitor.events.remote(adapter, limit)  # type: ignore[no-any-return]
+
+    async def monitor_status(self, adapter: str) -> dict[str, Any]:
+        return await self.monitor.status.remote(adapter)  # type: ignore[no-any-return]
+
+    async def monitor_reset(self, adapter: str) -> dict[str, Any]:
+        return await self.monitor.reset.remote(adapter)  # type: ignore[no-any-return]
+
 
 @serve.deployment(name="Gateway", max_ongoing_requests=1024)
 @serve.ingress()
 class Gateway:
     """HTTP ingress: the OpenAI-compatible API over the LLMServer deployment."""
 
-    def __init__(self, llm: DeploymentHandle, settings: dict[str, Any]) -> None:
+    def __init__(self, llm: DeploymentHandle, monitor: DeploymentHandle, settings: dict[str, Any]) -> None:
         self._llm = llm
+        self._monitor = monitor
         self._settings = Settings.model_validate(settings)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(RayClient(self._llm), self._settings.server, echo_request_id=False)
+        return build_app(RayClient(self._llm, self._monitor), self._settings.server, echo_request_id=False)
 
 
 def resolved_settings(settings: Settings) -> dict[str, Any]:
@@ -171,17 +224,21 @@ def resolved_settings(settings: Settings) -> dict[str, Any]:
             "SmolLM2-135M-Instruct" if settings.model.base_model in (None, "default") else base.name)})
     adapters = settings.adapters.model_copy(update={"store_dir": settings.store_dir(),
                                                     "roots": settings.adapter_roots()})
-    return settings.model_copy(update={"model": model, "adapters": adapters}).model_dump(mode="json")
+    monitor = settings.monitor.model_copy(update={"state_dir": settings.monitor_dir()})
+    return settings.model_copy(update={"model": model, "adapters": adapters, "monitor": monitor}).model_dump(
+        mode="json")
 
 
 def build_application(settings: Settings) -> serve.Application:
     data = resolved_settings(settings)
     srv = settings.server
     llm_deployment: Any = LLMServer  # the @serve.deployment decorator hides .options/.bind from type checkers
-    gateway: Any = Gateway
+    gateway: Any = Gateway.options(ray_actor_options={"num_cpus": 0.1})  # type: ignore[attr-defined]
+    monitor_deployment: Any = MonitorDeployment
+    monitor = monitor_deployment.options(ray_actor_options={"num_cpus": 0.1}).bind(data)
     llm = llm_deployment.options(num_replicas=srv.model_replicas,
                                  ray_actor_options={"num_cpus": srv.model_num_cpus, "num_gpus": srv.model_num_gpus})
-    return gateway.bind(llm.bind(data), data)  # type: ignore[no-any-return]
+    return gateway.bind(llm.bind(data, monitor), monitor, data)  # type: ignore[no-any-return]
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

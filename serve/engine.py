@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from tsugiki.adapters.cache import AdapterCache
@@ -63,6 +64,7 @@ class TokenEvent:
     adapter: AdapterRef | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    features: np.ndarray | None = None  # first event only: mean-pooled last hidden state of the prompt
 
 
 Sink = Callable[[TokenEvent | TsugikiError], None]
@@ -80,6 +82,7 @@ class _Seq:
     generated: int = 0
     finished: str | None = None
     eos: frozenset[int] = field(default_factory=frozenset)
+    features: np.ndarray | None = None
 
 
 class EngineCore:
@@ -117,8 +120,21 @@ class EngineCore:
         self._kv: Any = None  # DynamicCache for self._rows
         self._attn = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self._aborted: set[str] = set()
+        # Prompt features for the monitor come free from prefill: the decoder's last hidden states, captured by a
+        # hook (no second forward pass) and mean-pooled over each prompt's real tokens.
+        self._hidden: torch.Tensor | None = None
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if decoder is not None:
+            decoder.register_forward_hook(self._capture_hidden)
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self._eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def _capture_hidden(self, module: Any, args: Any, output: Any) -> None:
+        if self._hidden is None:
+            return  # only prefill asks for it
+        hs = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+        if isinstance(hs, torch.Tensor):
+            self._hidden = hs
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest, sink: Sink) -> None:
@@ -256,7 +272,14 @@ class EngineCore:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         kv = DynamicCache()
         t0 = time.perf_counter()
+        self._hidden = torch.empty(0)  # arm the hook
         logits = self._forward(ids, attn, positions, kv, [s.ref.key if s.ref else None for s in new])
+        hidden, self._hidden = self._hidden, None
+        if hidden is not None and hidden.dim() == 3:
+            mask = attn[:, :, None].to(hidden.dtype)
+            pooled = ((hidden * mask).sum(1) / mask.sum(1)).float().cpu().numpy()
+            for i, s in enumerate(new):
+                s.features = pooled[i]
         if self.metrics:
             self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
         self._merge(new, kv, attn)
@@ -317,7 +340,8 @@ class EngineCore:
             s.finished = finish
             s.sink(TokenEvent(request_id=s.req.request_id, token_id=out.token_id, text=text, logprob=out.logprob,
                               top_logprobs=out.top, finish_reason=finish, adapter=s.ref,
-                              prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.generated))
+                              prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.generated,
+                              features=s.features if s.generated == 1 else None))
         self._retire()
 
     def _retire(self) -> None:

@@ -29,7 +29,7 @@ class SamplingParams:
 @dataclass
 class Sampled:
     token_id: int
-    logprob: float | None
+    logprob: float
     top: list[tuple[int, float]] | None
 
 
@@ -46,8 +46,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     """Pick one token per row of ``logits: [N, V]`` (float32) by each row's params."""
     logits = logits.float()
     out_ids = torch.argmax(logits, dim=-1)
-    want_lp = any(p.logprobs for p in params)
-    logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+    want_top = any(p.top_logprobs for p in params)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_top else None
+    norm = torch.logsumexp(logits, dim=-1)
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
@@ -59,16 +60,14 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
             out_ids[i] = order[torch.multinomial(sorted_p, 1, generator=g)]
         else:
             out_ids[i] = torch.multinomial(probs, 1, generator=g)[0]
+    # The chosen token's log-probability is always computed (it is the monitor's output confidence).
+    chosen = (logits.gather(1, out_ids[:, None])[:, 0] - norm).tolist()
     ids = out_ids.tolist()
     result = []
     for i, p in enumerate(params):
-        if p.logprobs and logprobs is not None:
-            lp = float(logprobs[i, ids[i]])
-            top = None
-            if p.top_logprobs:
-                v, ix = torch.topk(logprobs[i], p.top_logprobs)
-                top = list(zip(ix.tolist(), v.tolist()))
-            result.append(Sampled(ids[i], lp, top))
-        else:
-            result.append(Sampled(ids[i], None, None))
+        top = None
+        if p.top_logprobs and logprobs is not None:
+            v, ix = torch.topk(logprobs[i], p.top_logprobs)
+            top = list(zip(ix.tolist(), v.tolist()))
+        result.append(Sampled(ids[i], chosen[i], top))
     return result

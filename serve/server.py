@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ from tsugiki.errors import (
     PermissionDeniedError,
     TsugikiError,
 )
+from tsugiki.monitoring.metrics import RequestQualityMetrics
+from tsugiki.monitoring.monitor import FeatureShipper, Observation
+from tsugiki.monitoring.noise import NoiseDetector, NoiseReport
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.serve.engine import AsyncEngine, EngineCore, GenerationRequest, TokenEvent
 from tsugiki.serve.metrics import EngineMetrics
@@ -48,7 +51,8 @@ class ModelServer:
     """
 
     def __init__(self, settings: Settings, *, progress: bool = False, registry: CollectorRegistry | None = None,
-                 loaded: LoadedBaseModel | None = None) -> None:
+                 loaded: LoadedBaseModel | None = None,
+                 monitor_sink: Callable[[list[dict[str, Any]]], Awaitable[Any]] | None = None) -> None:
         self.settings = settings
         self.torch_threads = set_torch_threads(settings.model.torch_threads)
         self.loaded = loaded or load_base_model(settings.model, progress=progress)
@@ -63,6 +67,13 @@ class ModelServer:
                                base_name=self.info.name, metrics=self.metrics)
         self.engine = AsyncEngine(self.core)
         self.created = int(time.time())
+        # Monitoring: the noise score is computed in the request (tens of microseconds); drift features leave
+        # through the shipper, in batches, off the request path.
+        mcfg = settings.monitor
+        self.monitoring = mcfg.enabled
+        self.noise = NoiseDetector(mcfg.noise_thresholds, max_prompt_tokens=int(0.9 * self.info.max_model_len))
+        self.quality = RequestQualityMetrics(self.registry)
+        self.shipper = FeatureShipper(monitor_sink if mcfg.enabled else None, self.quality)
         logger.info("model server ready", extra={"base_model": self.info.name, "threads": self.torch_threads})
 
     # ---- metadata ------------------------------------------------------------------------------------------------
@@ -178,13 +189,22 @@ class ModelServer:
                               top_p=float(payload.get("top_p", 1.0)), seed=payload.get("seed"), stop=stop,
                               logprobs=bool(payload.get("logprobs")), top_logprobs=top)
 
+    @staticmethod
+    def _user_text(payload: dict[str, Any]) -> str | None:
+        """The text the user wrote: the prompt, or the last user message."""
+        if payload.get("messages") is not None:
+            users = [m.get("content") or "" for m in payload["messages"] if m.get("role") == "user"]
+            return users[-1] if users else None
+        prompt = payload.get("prompt")
+        return prompt if isinstance(prompt, str) else None
+
     def _token_text(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
 
     def _event(self, ev: TokenEvent, params: SamplingParams) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "token", "text": ev.text, "finish_reason": ev.finish_reason,
                                "completion_tokens": ev.completion_tokens}
-        if params.logprobs and ev.token_id is not None and ev.logprob is not None:
+        if (params.logprobs or params.top_logprobs) and ev.token_id is not None and ev.logprob is not None:
             out["logprob"] = {"token": self._token_text(ev.token_id), "logprob": ev.logprob,
                               "top": [(self._token_text(t), lp) for t, lp in (ev.top_logprobs or [])]}
         return out
@@ -200,20 +220,48 @@ class ModelServer:
             yield {"type": "error", "error": e.to_dict()}
             return
         t0 = time.perf_counter()
+        label = adapter or self.info.name
+        noise = self._noise(payload, len(ids), label)
         req = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids), params=params, adapter=adapter)
         started = False
+        features, logprobs = None, []
         try:
             async for ev in self.engine.generate(req):
                 if not started:
                     started = True
+                    features = ev.features
                     yield {"type": "start", "prompt_tokens": len(ids),
-                           "adapter": ev.adapter.key if ev.adapter else None}
+                           "adapter": ev.adapter.key if ev.adapter else None,
+                           "noise": {"score": round(noise.score, 4), "reasons": list(noise.reasons)} if noise else None}
+                if ev.logprob is not None:
+                    logprobs.append(ev.logprob)
                 out = self._event(ev, params)
                 if ev.finish_reason is not None:
                     out["engine_seconds"] = time.perf_counter() - t0
                 yield out
         except TsugikiError as e:
             yield {"type": "error", "error": e.to_dict()}
+            return
+        if self.monitoring and started:
+            confidence = sum(logprobs) / len(logprobs) if logprobs else None
+            if confidence is not None:
+                self.quality.output_confidence.labels(label).observe(confidence)
+            self.shipper.add(Observation(
+                adapter=label, request_id=request_id, time=time.time(), features=features,
+                noise_score=noise.score if noise else 0.0, noise_reasons=noise.reasons if noise else (),
+                prompt_tokens=len(ids), completion_tokens=len(logprobs), output_logprob=confidence))
+
+    def _noise(self, payload: dict[str, Any], n_prompt: int, label: str) -> NoiseReport | None:
+        if not self.monitoring:
+            return None
+        text = self._user_text(payload)
+        if text is None:
+            return None
+        report = self.noise.score(text, prompt_tokens=n_prompt)
+        self.quality.noise_score.labels(label).observe(report.score)
+        for reason in report.reasons:
+            self.quality.noisy.labels(label, reason).inc()
+        return report
 
     def shutdown(self) -> None:
         self.engine.shutdown()

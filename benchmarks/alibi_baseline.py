@@ -1,0 +1,73 @@
+"""Alibi Detect's MMDDriftOnline on the exact streams benchmarks/monitor_eval.py saved, at the same ERT.
+
+Alibi Detect is a benchmark-only baseline, never a dependency (it pins numpy<2 and transformers<5, and is
+under the Business Source License): run it in a virtual environment of its own:
+
+    python3 -m venv /tmp/alibi-venv
+    /tmp/alibi-venv/bin/pip install torch==2.13.0 "alibi-detect[torch]==0.13.*"
+    /tmp/alibi-venv/bin/python benchmarks/alibi_baseline.py ~/.cache/tsugiki/eval
+
+Both detectors see the same features: the reference's PCA-whitened projection (32 dims) of the mean-pooled
+hidden states. Prints detection delays (median, p90, share detected) per scenario beside tsugiki's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache" / "tsugiki" / "eval").expanduser()
+    n_boot = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    manifest = json.loads((out / "alibi_manifest.json").read_text())
+    streams = np.load(out / "alibi_streams.npz", allow_pickle=False)
+    from alibi_detect.cd import MMDDriftOnline
+
+    ert, window, onset = manifest["compare_ert"], manifest["window"], manifest["onset"]
+    n_boot = n_boot or int(10 * ert)
+    delays: dict[str, list[float]] = {}
+    for seed in manifest["seeds"]:
+        t0 = time.time()
+        x_ref = streams[f"s{seed}_ref"]
+        cd = MMDDriftOnline(x_ref, ert=ert, window_size=window, backend="pytorch", n_bootstraps=n_boot,
+                            verbose=False)
+        print(f"[seed {seed}] calibrated in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        for name in manifest["scenarios"]:
+            x = streams[f"s{seed}_{name}"]
+            cd.reset_state()
+            first = None
+            for t in range(len(x)):
+                if cd.predict(x[t], return_test_stat=False)["data"]["is_drift"]:
+                    first = t
+                    break
+            if first is not None and first < onset:
+                delays.setdefault(name, []).append(np.nan)
+            else:
+                delays.setdefault(name, []).append(np.inf if first is None else first - onset + 1)
+        print(f"[seed {seed}] done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+
+    def fmt(v: list[float]) -> str:
+        a = np.array(v, dtype=float)
+        valid = a[~np.isnan(a)]
+        med = np.median(valid) if len(valid) else np.inf
+        p90 = np.quantile(valid, 0.9) if len(valid) else np.inf
+        found = float(np.mean(np.isfinite(a)))
+        s = lambda q: f"{q:.0f}" if np.isfinite(q) else "miss"  # noqa: E731
+        return f"{s(med):>6s} {s(p90):>6s} {found:6.2f} {int(np.isnan(a).sum()):>4d}"
+
+    print(f"\ndetection delay after onset, ERT {ert:g}, Alibi window {window}, {len(manifest['seeds'])} seeds "
+          f"(median, p90, share detected within the stream, false alarms before onset)")
+    print(f"{'scenario':32s} {'tsugiki (CUSUM)':>27s}   {'alibi MMDDriftOnline':>27s}")
+    for name in manifest["scenarios"]:
+        print(f"{name:32s} {fmt(manifest['ours'][name])}   {fmt(delays[name])}")
+    print("RESULT_JSON " + json.dumps({"ert": ert, "window": window, "alibi": delays, "ours": manifest["ours"]},
+                                      default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Monitoring: corruption families, the noise detector, the drift detector's calibration, the monitor's state."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tsugiki.monitoring.corruption import FAMILIES, corrupt
+from tsugiki.monitoring.drift import DriftConfig, DriftDetector, ReferenceProfile, cusum_threshold
+from tsugiki.monitoring.monitor import FeatureShipper, Monitor, MonitorConfig, Observation
+from tsugiki.monitoring.noise import REASONS, NoiseDetector
+
+CLEAN = ["how do i say thank you in french", "what is my checking account balance",
+         "set an alarm for seven in the morning", "book a table for two at an italian restaurant",
+         "how long does it take to get a new credit card", "please tell me the weather in boston tomorrow"]
+
+
+def test_corruption_is_deterministic_and_changes_text() -> None:
+    for fam in FAMILIES:
+        a = corrupt(CLEAN[0], fam, 0.5, 3)
+        assert a == corrupt(CLEAN[0], fam, 0.5, 3)
+        assert a != CLEAN[0], fam
+    assert corrupt(CLEAN[0], "typos", 0.5, 1) != corrupt(CLEAN[0], "typos", 0.5, 2)
+    with pytest.raises(ValueError, match="unknown corruption family 'nope'"):
+        corrupt("x", "nope", 0.5, 0)
+    with pytest.raises(ValueError, match="severity should be in"):
+        corrupt("x", "typos", 0.0, 0)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("how do i sya thnak yuo in frnech pleaes", "typo_heavy"),
+    ("what is my chÃ©cking accÃ¶unt balance â€” please", "encoding_garbage"),
+    ("set an ☃☄★ alarm ∰∱∲ for ∳⊕⊗ seven", "random_characters"),
+    ("bооk а tаblе fоr twо", "mixed_script"),  # Cyrillic homoglyphs inside Latin words
+    ("pleeeeeeease helllllllp meeeeee", "repetition"),
+    ("how long does it take to get a new cre", "truncated"),
+])
+def test_each_reason_fires_on_its_noise(text: str, reason: str) -> None:
+    report = NoiseDetector().score(text)
+    assert reason in report.reasons and report.score >= 1.0, report
+
+
+def test_clean_text_is_not_flagged_and_over_length_uses_tokens() -> None:
+    det = NoiseDetector(max_prompt_tokens=100)
+    for t in CLEAN:
+        assert not det.score(t, prompt_tokens=12).flagged, t
+    assert det.score(CLEAN[0], prompt_tokens=150).reasons == ("over_length",)
+    with pytest.raises(ValueError, match="unknown noise reasons"):
+        NoiseDetector({"bogus": 1.0})
+
+
+def test_calibration_caps_false_positives() -> None:
+    rng = random.Random(0)
+    words = " ".join(CLEAN).split()
+    clean = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(400)]
+    thresholds = NoiseDetector.calibrate(clean, false_positive_rate=0.05)
+    assert set(thresholds) == set(REASONS)
+    det = NoiseDetector(thresholds)
+    assert np.mean([det.score(t).flagged for t in clean]) <= 0.05
+
+
+def test_cusum_threshold_gives_the_configured_run_length() -> None:
+    # Monte Carlo on N(0, 1) increments: the mean run length must match the ERT within sampling error.
+    rng = np.random.default_rng(0)
+    k, ert = 0.25, 300
+    h = cusum_threshold(k, ert)
+    runs = []
+    for _ in range(300):
+        s, t = 0.0, 0
+        while True:
+            t += 1
+            s = max(0.0, s + rng.standard_normal() - k)
+            if s > h:
+                break
+        runs.append(t)
+    # the run length is roughly exponential: its mean over 300 runs has a relative sd of ~6%
+    assert 0.8 * ert < np.mean(runs) < 1.2 * ert
+
+
+def _gauss(rng: np.random.Generator, n: int, shift: float = 0.0, d: int = 16) -> np.ndarray:
+    x = rng.standard_normal((n, d))
+    x[:, 0] += shift
+    return x
+
+
+def test_detector_calibration_no_drift_and_detection_under_shift() -> None:
+    cfg = DriftConfig(ert=200, reference_size=400, n_components=8, n_neighbors=10)
+    rng = np.random.default_rng(1)
+    lengths = []
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        det = DriftDetector(config=cfg)
+        det.set_reference(_gauss(r, cfg.reference_size))
+        seen = 0
+        while True:
+            res = det.update(_gauss(r, 50))
+            if res.alarms:
+                lengths.append(seen + res.alarms[0] + 1)
+                break
+            seen += 50
+            if seen > 20 * cfg.ert:
+                lengths.append(seen)
+                break
+    # alibi-style check: measured average run length within a factor of the configured ERT
+    assert cfg.ert / 2 < np.mean(lengths) < cfg.ert * 2, lengths
+    det = DriftDetector(config=cfg)
+    det.set_reference(_gauss(rng, cfg.reference_size))
+    res = det.update(_gauss(rng, 200, shift=4.0))
+    assert res.alarms and res.alarms[0] < 50
+
+
+def test_reference_collected_from_first_requests_and_state_round_trip(tmp_path: Path) -> None:
+    cfg = DriftConfig(ert=500, reference_size=100, n_components=4)
+    rng = np.random.default_rng(2)
+    det = DriftDetector(config=cfg)
+    res = det.update(_gauss(rng, 60, d=6))
+    assert not det.ready and res.offset == 60
+    res = det.update(_gauss(rng, 60, d=6))
+    assert det.ready and res.offset == 40 and len(res.z) == 20
+    scalars, arrays = det.state_dict()
+    np.savez(tmp_path / "a.npz", **arrays)
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        back = DriftDetector.from_state(scalars, {k: z[k] for k in z.files})
+    probe = _gauss(rng, 30, shift=1.0, d=6)
+    a, b = det.update(probe), back.update(probe)
+    assert np.allclose(a.z, b.z) and det.statistic == back.statistic and a.alarms == b.alarms
+    with pytest.raises(ValueError, match="at least"):
+        ReferenceProfile.fit(np.zeros((5, 3)))
+
+
+def _obs(adapter: str, x: np.ndarray, start: int = 0) -> list[Observation]:
+    return [Observation(adapter=adapter, request_id=f"r{start + i}", time=0.0, features=row, output_logprob=-1.0)
+            for i, row in enumerate(x)]
+
+
+def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
+    cfg = MonitorConfig(state_dir=tmp_path, drift=DriftConfig(ert=1000, reference_size=200, n_components=8),
+                        save_interval_s=0)
+    rng = np.random.default_rng(3)
+    mon = Monitor(cfg)
+    assert mon.observe(_obs("intent", _gauss(rng, 200))) == 0
+    assert mon.status("intent")["state"] == "monitoring"
+    assert mon.observe(_obs("intent", _gauss(rng, 100), 200)) == 0
+    assert mon.observe(_obs("base", _gauss(rng, 50))) == 0  # another adapter collects its own reference
+    fired = mon.observe(_obs("intent", _gauss(rng, 300, shift=3.0), 300))
+    assert fired >= 1
+    ev = mon.events("intent")[0]
+    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.25, 1000))
+    assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
+    assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
+    assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
+    stat = mon.status("intent")["statistic"]
+    # a new monitor on the same state directory resumes: same reference, statistic, alarm flag and events
+    again = Monitor(cfg)
+    st = again.status("intent")
+    assert st["alarm"] and st["statistic"] == pytest.approx(stat) and again.events("intent")[0]["id"] == ev["id"]
+    assert again.status("base")["reference_collected"] == 50
+    probe = _gauss(rng, 20)
+    mon.observe(_obs("intent", probe))
+    again.observe(_obs("intent", probe))
+    assert again.status("intent")["statistic"] == pytest.approx(mon.status("intent")["statistic"])
+    again.reset("intent")
+    assert again.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 0.0
+
+
+def test_shipper_batches_and_never_raises_when_the_monitor_is_down() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from tsugiki.monitoring.metrics import RequestQualityMetrics
+
+    got: list[int] = []
+    metrics = RequestQualityMetrics(CollectorRegistry())
+
+    async def ok(batch: list) -> None:
+        got.append(len(batch))
+
+    async def down(batch: list) -> None:
+        raise ConnectionError("monitor is gone")
+
+    async def run(sink) -> None:
+        shipper = FeatureShipper(sink, metrics, batch_size=10, interval_s=0.05)
+        for i in range(25):
+            shipper.add(Observation(adapter="a", request_id=str(i), time=0.0, features=np.zeros(3)))
+        await shipper.flush()
+
+    asyncio.run(run(ok))
+    assert sum(got) == 25
+    asyncio.run(run(down))
+    assert metrics.dropped._value.get() == 25
