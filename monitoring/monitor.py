@@ -141,6 +141,8 @@ class Monitor:
             by_adapter.setdefault(obs.adapter, []).append(obs)
         fired_total = 0
         for adapter, rows in by_adapter.items():
+            if not self.config.adapters.get(adapter, self.config.drift).enabled:
+                continue
             st = self._state(adapter)
             res = st.detector.update(np.stack([np.asarray(r.features, dtype=np.float64) for r in rows]))
             self.metrics.observations.labels(adapter).inc(len(rows))

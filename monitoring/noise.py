@@ -11,7 +11,8 @@ Each reason has a raw signal in [0, 1] computed from the text alone (tens of mic
   than the text's main one.
 * ``mixed_script``: share of words mixing letters of two or more scripts (homoglyphs, garbage).
 * ``repetition``: share of characters in runs of 3+ identical characters, or of repeated words.
-* ``truncated``: the text ends inside a word (the last word is not a word but starts a common one).
+* ``truncated``: the text ends inside a word (the last word, three letters or more, is no English word but
+  starts a common one).
 * ``over_length``: prompt tokens over the configured limit (set by the server, which knows the token count).
 
 A reason fires when its signal reaches its threshold; the request's noise score is the largest
@@ -22,6 +23,7 @@ configured share of clean requests is flagged (:meth:`NoiseDetector.calibrate`);
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -138,17 +140,23 @@ def signals(text: str, *, prompt_tokens: int | None = None, max_prompt_tokens: i
     if lw and text and text[-1].isalpha():
         last = lw[-1]
         freq = _frequencies()
-        if len(last) >= 2 and freq.get(last, 0) < 50 and last.isascii():
+        if len(last) >= 3 and last not in freq and last.isascii():
             out["truncated"] = 1.0 if _completes(last) else 0.0
     if prompt_tokens is not None and max_prompt_tokens:
         out["over_length"] = min(1.0, prompt_tokens / max_prompt_tokens)
     return out
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1)
+def _common_sorted() -> list[str]:
+    return sorted(w for w, f in _frequencies().items() if f >= _COMMON)
+
+
 def _completes(prefix: str) -> bool:
     """Whether ``prefix`` starts a common word (so a text ending in it was probably cut)."""
-    return any(w.startswith(prefix) and f >= _COMMON for w, f in _frequencies().items() if w[:1] == prefix[:1])
+    words = _common_sorted()
+    i = bisect.bisect_left(words, prefix)
+    return i < len(words) and words[i].startswith(prefix)
 
 
 class NoiseDetector:

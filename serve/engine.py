@@ -96,11 +96,12 @@ class EngineCore:
         store: where adapter names resolve to versions; None serves the bare base model only.
         max_model_len: longest prompt + completion.
         metrics: engine metrics (optional).
+        capture_features: pool each prompt's last hidden state at prefill (the monitor's drift features).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, engine_cfg: EngineConfig, adapter_cfg: AdapterConfig,
                  store: AdapterStore | None, max_model_len: int, base_name: str = "base",
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None, capture_features: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = engine_cfg
@@ -124,7 +125,8 @@ class EngineCore:
         # hook (no second forward pass) and mean-pooled over each prompt's real tokens.
         self._hidden: torch.Tensor | None = None
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        if decoder is not None:
+        self._capture = capture_features and decoder is not None
+        if self._capture and decoder is not None:
             decoder.register_forward_hook(self._capture_hidden)
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self._eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -272,7 +274,8 @@ class EngineCore:
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         kv = DynamicCache()
         t0 = time.perf_counter()
-        self._hidden = torch.empty(0)  # arm the hook
+        if self._capture:
+            self._hidden = torch.empty(0)  # arm the hook
         logits = self._forward(ids, attn, positions, kv, [s.ref.key if s.ref else None for s in new])
         hidden, self._hidden = self._hidden, None
         if hidden is not None and hidden.dim() == 3:

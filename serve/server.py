@@ -64,7 +64,8 @@ class ModelServer:
         self.metrics = EngineMetrics(self.registry)
         self.core = EngineCore(self.loaded.model, self.tokenizer, engine_cfg=settings.engine,
                                adapter_cfg=settings.adapters, store=self.store, max_model_len=self.info.max_model_len,
-                               base_name=self.info.name, metrics=self.metrics)
+                               base_name=self.info.name, metrics=self.metrics,
+                               capture_features=settings.monitor.enabled)
         self.engine = AsyncEngine(self.core)
         self.created = int(time.time())
         # Monitoring: the noise score is computed in the request (tens of microseconds); drift features leave

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +200,43 @@ def test_access_control(env: tuple, lora_all: Path) -> None:
     assert client.get("/v1/adapters", headers=USER).status_code == 401
     assert _metric(client, "tsugiki_requests_total", adapter="tiny") == before  # refused before inference
     assert client.post("/v1/completions", json=req, headers=USER).status_code == 200
+
+
+def test_noise_headers_and_monitor_endpoints(tiny_dir: Path, tmp_path: Path) -> None:
+    from tsugiki.monitoring.monitor import Monitor, MonitorConfig
+
+    monitor = Monitor(MonitorConfig(state_dir=tmp_path / "mon", drift={"reference_size": 50, "ert": 1000},
+                                    save_interval_s=0))
+
+    async def sink(batch: list) -> None:
+        monitor.observe(batch)
+
+    settings = load_settings(model={"base_model": str(tiny_dir), "served_name": "tiny"},
+                             adapters={"store_dir": str(tmp_path / "store")})
+    server = ModelServer(settings, monitor_sink=sink)
+    try:
+        with TestClient(build_app(LocalClient(server, monitor), settings.server)) as client:
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "what is my balance", "max_tokens": 1})
+            assert r.headers["x-tsugiki-noise-reasons"] == "none" and float(r.headers["x-tsugiki-noise-score"]) < 1
+            r = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 1, "messages": [
+                {"role": "user", "content": "pleeeeeease helllllllp meeeeee nowwwwww"}]})
+            assert "repetition" in r.headers["x-tsugiki-noise-reasons"].split(",")
+            for i in range(55):
+                client.post("/v1/completions", json={"model": "tiny", "prompt": f"hello world {i}", "max_tokens": 1})
+
+            def seen() -> float:
+                return monitor.registry.get_sample_value("tsugiki_monitor_observations_total", {"adapter": "tiny"})
+
+            deadline = time.monotonic() + 10
+            while (seen() or 0) < 57 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the shipper flushes every 0.5 s, off the request path
+            status = client.get("/v1/monitor/adapters/tiny").json()
+            assert status["state"] == "monitoring" and status["requests_seen"] == 7
+            assert client.get("/v1/monitor/events").json() == {"object": "list", "data": []}
+            assert client.get("/v1/monitor/events?limit=0").status_code == 400
+            assert client.get("/v1/monitor/adapters/nope").status_code == 404
+            assert _metric(client, "tsugiki_noisy_requests_total", adapter="tiny", reason="repetition") == 1
+            assert _metric(client, "tsugiki_drift_reference_ready", adapter="tiny") == 1
+            assert client.post("/v1/monitor/adapters/tiny/reset").json()["alarm"] is False
+    finally:
+        server.shutdown()

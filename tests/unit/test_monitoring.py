@@ -40,7 +40,9 @@ def test_corruption_is_deterministic_and_changes_text() -> None:
     ("how long does it take to get a new cre", "truncated"),
 ])
 def test_each_reason_fires_on_its_noise(text: str, reason: str) -> None:
-    report = NoiseDetector().score(text)
+    # The shipped CLINC150 calibration switches `truncated` off (assistant queries often end in names and
+    # slang that look cut), so it is tested at a threshold of 1.0.
+    report = NoiseDetector({"truncated": 1.0} if reason == "truncated" else None).score(text)
     assert reason in report.reasons and report.score >= 1.0, report
 
 
@@ -149,7 +151,7 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     fired = mon.observe(_obs("intent", _gauss(rng, 300, shift=3.0), 300))
     assert fired >= 1
     ev = mon.events("intent")[0]
-    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.25, 1000))
+    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000))
     assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
     assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
     assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
@@ -191,3 +193,15 @@ def test_shipper_batches_and_never_raises_when_the_monitor_is_down() -> None:
     assert sum(got) == 25
     asyncio.run(run(down))
     assert metrics.dropped._value.get() == 25
+
+
+def test_per_adapter_settings_override_defaults(tmp_path: Path) -> None:
+    cfg = MonitorConfig(state_dir=tmp_path, drift=DriftConfig(reference_size=50),
+                        adapters={"quiet": DriftConfig(enabled=False),
+                                  "strict": DriftConfig(ert=100, reference_size=60)})
+    mon = Monitor(cfg)
+    rng = np.random.default_rng(4)
+    mon.observe(_obs("quiet", _gauss(rng, 80)) + _obs("strict", _gauss(rng, 80)) + _obs("other", _gauss(rng, 80)))
+    assert mon.status("quiet")["state"] == "no traffic yet"
+    assert mon.status("strict")["config"]["ert"] == 100 and mon.status("strict")["requests_seen"] == 20
+    assert mon.status("other")["requests_seen"] == 30
