@@ -9,7 +9,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LOGPROB = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, -0.25, 0.0)
-_PPL = (1.5, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 1000, 5000)
 
 
 class RequestQualityMetrics:
@@ -24,9 +23,6 @@ class RequestQualityMetrics:
         self.output_confidence = Histogram("tsugiki_output_confidence_logprob",
                                            "Mean log-probability of a request's output tokens.", ["adapter"],
                                            buckets=_LOGPROB, registry=registry)
-        self.prompt_perplexity = Histogram("tsugiki_prompt_perplexity",
-                                           "Prompt perplexity under the serving model (sampled requests).",
-                                           ["adapter"], buckets=_PPL, registry=registry)
         self.shipped = Counter("tsugiki_monitor_observations_shipped", "Request observations sent to the monitor.",
                                registry=registry)
         self.dropped = Counter("tsugiki_monitor_observations_dropped",

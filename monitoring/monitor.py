@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -312,10 +311,3 @@ class FeatureShipper:
             if self.metrics:
                 self.metrics.shipped.inc(len(batch))
 
-
-def mean_or_none(xs: list[float]) -> float | None:
-    return float(sum(xs) / len(xs)) if xs else None
-
-
-def perplexity(mean_logprob: float) -> float:
-    return math.exp(-mean_logprob)
