@@ -93,6 +93,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path,
     port = free_port()
     roots = next(iter(real_adapters.values())).parent
     cfg = {"adapters": {"roots": [str(roots)]}, "engine": {"max_batch_size": 16},
+           "monitor": {"state_dir": str(work / "monitor")},
            "server": {"api_keys": [API_KEY], "admin_key": ADMIN_KEY, "log_level": "WARNING"}}
     (work / "tsugiki.yaml").write_text(yaml.safe_dump(cfg))
     log = work / "gateway.log"

@@ -24,6 +24,7 @@ def test_serve_run_with_deploy_config(tmp_path: Path, default_model_dir: Path, r
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
     app["args"]["adapters"]["store_dir"] = str(tmp_path / "store")
+    app["args"]["monitor"]["state_dir"] = str(tmp_path / "monitor")
     app["args"]["adapters"]["roots"] = [str(next(iter(real_adapters.values())).parent)]
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
     llm["num_replicas"] = 2  # replica count and resources come from the config
