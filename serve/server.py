@@ -5,8 +5,9 @@ benchmarks use it in-process. Everything that crosses a process boundary is a pl
 
 Generation protocol: :meth:`ModelServer.generate` takes a payload dict and yields event dicts. The first event
 is ``{"type": "error", "error": {...}}`` (the request was refused; nothing else follows) or
-``{"type": "start", "prompt_tokens", "adapter"}``; then ``{"type": "token", ...}`` events, the last one with a
-``finish_reason`` and ``engine_seconds``.
+``{"type": "start", "prompt_tokens", "adapter", "noise"}`` (``noise``: the request's noise score and reasons, or
+None with monitoring off); then ``{"type": "token", ...}`` events, the last one with a ``finish_reason`` and
+``engine_seconds``. After the last event the request's observation goes to the monitor's shipper.
 """
 
 from __future__ import annotations
