@@ -135,8 +135,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
 class _Auth:
     def __init__(self, cfg: ServerConfig) -> None:
         self.api_keys = tuple(k.encode() for k in cfg.api_keys)
-        admin = cfg.admin_key if cfg.admin_key is not None else None
-        self.admin_keys = (admin.encode(),) if admin else self.api_keys
+        self.admin_keys = (cfg.admin_key.encode(),) if cfg.admin_key else self.api_keys
 
     @staticmethod
     def _token(request: Request) -> bytes | None:
@@ -332,7 +331,7 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         if isinstance(body, ChatRequest):
             payload["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
             payload["logprobs"] = body.logprobs
-            payload["top_logprobs"] = body.top_logprobs or 0 if body.logprobs else 0
+            payload["top_logprobs"] = (body.top_logprobs or 0) if body.logprobs else 0
         else:
             payload["prompt"] = body.prompt
             payload["logprobs"] = body.logprobs is not None

@@ -148,6 +148,16 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
 
+    def fail_all(self, err: TsugikiError) -> None:
+        """Fail every running and waiting request with ``err`` and drop the batch (after a failed step)."""
+        for s in self._rows:
+            if s.ref is not None:
+                self.cache.unpin(s.ref)
+            s.sink(err)
+        while self._waiting:
+            self._waiting.popleft()[1](err)
+        self._rows, self._kv, self._attn = [], None, self._attn[:0, :0]
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._rows)
 
@@ -409,17 +419,8 @@ class AsyncEngine:
                     self.core.step()
                 except Exception:  # a bug in a step must not kill the replica: fail the running work
                     logger.exception("engine step failed; failing the running requests")
-                    self._fail_all(EngineError("the engine failed while generating; the request was not completed"))
-
-    def _fail_all(self, err: TsugikiError) -> None:
-        core = self.core
-        for s in core._rows:
-            if s.ref is not None:
-                core.cache.unpin(s.ref)
-            s.sink(err)
-        while core._waiting:
-            core._waiting.popleft()[1](err)
-        core._rows, core._kv = [], None
+                    self.core.fail_all(EngineError("the engine failed while generating; the request was not "
+                                                   "completed"))
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn`` on the engine thread; await the returned future for its result or exception."""

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import make_lora
+from tests.helpers import make_lora, metric_value
 
 API_KEY = "it-user-key"
 ADMIN_KEY = "it-admin-key"
@@ -41,6 +41,18 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600
             pass
         time.sleep(1)
     raise RuntimeError(f"gateway not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def wait_for(pred, timeout: float = 60.0) -> None:
+    """Poll ``pred`` until it holds (state in another process: metrics pushed every 2 s, batches every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.5)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    return metric_value(httpx.get(url + "/metrics", timeout=30).text, name, **labels)
 
 
 def stop(proc: subprocess.Popen) -> None:

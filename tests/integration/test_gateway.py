@@ -6,35 +6,21 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import ADMIN_KEY, API_KEY, Gateway, free_port
+from tests.integration.conftest import ADMIN_KEY, API_KEY, Gateway, free_port, wait_for
+from tests.integration.conftest import metric as url_metric
 
 pytestmark = pytest.mark.integration
 BASE = "SmolLM2-135M-Instruct"
 
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(gw.url + "/metrics", timeout=30).text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-def wait_for(pred, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.5)
+    return url_metric(gw.url, name, **labels)
 
 
 def test_chat_completion_and_streaming_with_openai_client(gateway: Gateway) -> None:

@@ -7,29 +7,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import free_port, stop, wait_ready
+from tests.integration.conftest import free_port, metric, stop, wait_for, wait_ready
 
 pytestmark = pytest.mark.integration
 BASE = "SmolLM2-135M-Instruct"
 SUBSET = Path(__file__).resolve().parents[1] / "data" / "clinc150" / "subset.json"
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +48,6 @@ def _send(url: str, texts: list[str]) -> None:
             assert r.status_code == 200, r.text
 
 
-def _wait(pred, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.5)
-
-
 def test_drift_alarm_after_domain_shift(gateway_url: str) -> None:
     data = json.loads(SUBSET.read_text())
     doms = data["domains"]
@@ -74,14 +56,14 @@ def test_drift_alarm_after_domain_shift(gateway_url: str) -> None:
     clean = [t for t, i in data["test"] if i in old][:50]
     shifted = [t for t, i in data["train"] + data["test"] if i not in old][:150]
     _send(gateway_url, ref)
-    _wait(lambda: metric(gateway_url, "tsugiki_drift_reference_ready", adapter=BASE) == 1.0)
+    wait_for(lambda: metric(gateway_url, "tsugiki_drift_reference_ready", adapter=BASE) == 1.0)
     _send(gateway_url, clean)
-    _wait(lambda: metric(gateway_url, "tsugiki_monitor_observations_total", adapter=BASE) >= 150)
+    wait_for(lambda: metric(gateway_url, "tsugiki_monitor_observations_total", adapter=BASE) >= 150)
     assert metric(gateway_url, "tsugiki_drift_alarm", adapter=BASE) == 0.0
     status = httpx.get(f"{gateway_url}/v1/monitor/adapters/{BASE}", timeout=30).json()
     assert status["state"] == "monitoring" and status["requests_seen"] >= 50
     _send(gateway_url, shifted)
-    _wait(lambda: metric(gateway_url, "tsugiki_drift_alarm", adapter=BASE) == 1.0)
+    wait_for(lambda: metric(gateway_url, "tsugiki_drift_alarm", adapter=BASE) == 1.0)
     assert metric(gateway_url, "tsugiki_drift_alarms_total", adapter=BASE) >= 1
     assert metric(gateway_url, "tsugiki_drift_threshold", adapter=BASE) > 0
     events = httpx.get(f"{gateway_url}/v1/monitor/events", timeout=30).json()["data"]
@@ -101,5 +83,5 @@ def test_noisy_input_is_flagged_in_a_header_and_counted(gateway_url: str) -> Non
     clean = httpx.post(gateway_url + "/v1/completions", timeout=120,
                        json={"model": BASE, "prompt": "what is my checking account balance", "max_tokens": 1})
     assert clean.headers["x-tsugiki-noise-reasons"] == "none"
-    _wait(lambda: metric(gateway_url, "tsugiki_noisy_requests_total", adapter=BASE, reason="encoding_garbage") >= 1)
+    wait_for(lambda: metric(gateway_url, "tsugiki_noisy_requests_total", adapter=BASE, reason="encoding_garbage") >= 1)
     assert metric(gateway_url, "tsugiki_output_confidence_logprob_count", adapter=BASE) >= 2
