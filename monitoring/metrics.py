@@ -23,6 +23,10 @@ class RequestQualityMetrics:
         self.output_confidence = Histogram("tsugiki_output_confidence_logprob",
                                            "Mean log-probability of a request's output tokens.", ["adapter"],
                                            buckets=_LOGPROB, registry=registry)
+        self.prompt_perplexity = Histogram("tsugiki_prompt_perplexity",
+                                           "Perplexity of a request's prompt under the served model (adapter "
+                                           "applied); measured on a sampled share of requests.", ["adapter"],
+                                           buckets=(2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=registry)
         self.shipped = Counter("tsugiki_monitor_observations_shipped", "Request observations sent to the monitor.",
                                registry=registry)
         self.dropped = Counter("tsugiki_monitor_observations_dropped",

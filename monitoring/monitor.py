@@ -49,6 +49,7 @@ class Observation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     output_logprob: float | None = None
+    prompt_logprob: float | None = None
 
 
 class MonitorConfig(BaseModel):

@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import logging
 import queue
+import random
 import threading
 import time
 from collections import deque
@@ -65,6 +66,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     features: np.ndarray | None = None  # first event only: mean-pooled last hidden state of the prompt
+    prompt_logprob: float | None = None  # first event only, sampled requests: mean log-prob of the prompt tokens
 
 
 Sink = Callable[[TokenEvent | TsugikiError], None]
@@ -83,6 +85,7 @@ class _Seq:
     finished: str | None = None
     eos: frozenset[int] = field(default_factory=frozenset)
     features: np.ndarray | None = None
+    prompt_logprob: float | None = None
 
 
 class EngineCore:
@@ -96,7 +99,9 @@ class EngineCore:
         store: where adapter names resolve to versions; None serves the bare base model only.
         max_model_len: longest prompt + completion.
         metrics: engine metrics (optional).
-        capture_features: pool each prompt's last hidden state at prefill (the monitor's drift features).
+        capture_features: pool each prompt's last hidden state at prefill (the monitor's drift features), and
+            for a sampled share of prompts (``engine_cfg.prompt_perplexity_sample``) score the prompt tokens
+            with the LM head (prompt perplexity).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, engine_cfg: EngineConfig, adapter_cfg: AdapterConfig,
@@ -121,6 +126,7 @@ class EngineCore:
         self._kv: Any = None  # DynamicCache for self._rows
         self._attn = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self._aborted: set[str] = set()
+        self._ppl_rng = random.Random(0)
         # Prompt features for the monitor come free from prefill: the decoder's last hidden states, captured by a
         # hook (no second forward pass) and mean-pooled over each prompt's real tokens.
         self._hidden: torch.Tensor | None = None
@@ -293,10 +299,28 @@ class EngineCore:
             pooled = ((hidden * mask).sum(1) / mask.sum(1)).float().cpu().numpy()
             for i, s in enumerate(new):
                 s.features = pooled[i]
+            self._prompt_logprobs(new, hidden, ids, attn)
         if self.metrics:
             self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
         self._merge(new, kv, attn)
         self._emit(new, logits)
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, new: list[_Seq], hidden: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor) -> None:
+        """Mean log-probability of each sampled prompt's tokens given their prefixes, from the captured hidden
+        states (the LM head over the prompt positions; no second forward pass)."""
+        rate = self.cfg.prompt_perplexity_sample
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if rate <= 0 or head is None:
+            return
+        for i, s in enumerate(new):
+            n = len(s.req.prompt_ids)
+            if n < 2 or self._ppl_rng.random() >= rate:
+                continue
+            h = hidden[i, hidden.shape[1] - n : -1]
+            logp = torch.log_softmax(head(h).float(), dim=-1)
+            target = ids[i, ids.shape[1] - n + 1 :].to(logp.device)
+            s.prompt_logprob = float(logp.gather(-1, target[:, None]).mean())
 
     def _merge(self, new: list[_Seq], kv: Any, attn: torch.Tensor) -> None:
         if self._kv is None or not self._rows:
@@ -354,7 +378,8 @@ class EngineCore:
             s.sink(TokenEvent(request_id=s.req.request_id, token_id=out.token_id, text=text, logprob=out.logprob,
                               top_logprobs=out.top, finish_reason=finish, adapter=s.ref,
                               prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.generated,
-                              features=s.features if s.generated == 1 else None))
+                              features=s.features if s.generated == 1 else None,
+                              prompt_logprob=s.prompt_logprob if s.generated == 1 else None))
         self._retire()
 
     def _retire(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -226,12 +227,12 @@ class ModelServer:
         noise = self._noise(payload, len(ids), label)
         req = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids), params=params, adapter=adapter)
         started = False
-        features, logprobs = None, []
+        features, prompt_logprob, logprobs = None, None, []
         try:
             async for ev in self.engine.generate(req):
                 if not started:
                     started = True
-                    features = ev.features
+                    features, prompt_logprob = ev.features, ev.prompt_logprob
                     yield {"type": "start", "prompt_tokens": len(ids),
                            "adapter": ev.adapter.key if ev.adapter else None,
                            "noise": {"score": round(noise.score, 4), "reasons": list(noise.reasons)} if noise else None}
@@ -248,10 +249,13 @@ class ModelServer:
             confidence = sum(logprobs) / len(logprobs) if logprobs else None
             if confidence is not None:
                 self.quality.output_confidence.labels(label).observe(confidence)
+            if prompt_logprob is not None:
+                self.quality.prompt_perplexity.labels(label).observe(math.exp(min(-prompt_logprob, 50.0)))
             self.shipper.add(Observation(
                 adapter=label, request_id=request_id, time=time.time(), features=features,
                 noise_score=noise.score if noise else 0.0, noise_reasons=noise.reasons if noise else (),
-                prompt_tokens=len(ids), completion_tokens=len(logprobs), output_logprob=confidence))
+                prompt_tokens=len(ids), completion_tokens=len(logprobs), output_logprob=confidence,
+                prompt_logprob=prompt_logprob))
 
     def _noise(self, payload: dict[str, Any], n_prompt: int, label: str) -> NoiseReport | None:
         if not self.monitoring:

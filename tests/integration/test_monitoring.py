@@ -60,6 +60,10 @@ def test_drift_alarm_after_domain_shift(gateway_url: str) -> None:
     _send(gateway_url, clean)
     wait_for(lambda: metric(gateway_url, "tsugiki_monitor_observations_total", adapter=BASE) >= 150)
     assert metric(gateway_url, "tsugiki_drift_alarm", adapter=BASE) == 0.0
+    # prompt perplexity is measured on a sampled share (default 10%) of the 150 requests so far
+    n_ppl = metric(gateway_url, "tsugiki_prompt_perplexity_count", adapter=BASE)
+    assert 3 <= n_ppl <= 40
+    assert metric(gateway_url, "tsugiki_prompt_perplexity_sum", adapter=BASE) / n_ppl > 1.0
     status = httpx.get(f"{gateway_url}/v1/monitor/adapters/{BASE}", timeout=30).json()
     assert status["state"] == "monitoring" and status["requests_seen"] >= 50
     _send(gateway_url, shifted)

@@ -209,3 +209,41 @@ def test_new_version_replaces_old_weights(tiny_dir: Path, store: AdapterStore, l
     assert [r.version for r in core.cache.refs() if r.name == "all"] == [2]
     assert second == _reference(tiny_dir, lora_other, list(ids), 8)[0]
     assert first == _reference(tiny_dir, lora_all, list(ids), 8)[0] and first != second
+
+
+def _prompt_logprob(tiny_dir: Path, adapter_dir: Path | None, ids: list[int]) -> float:
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return float(lp.gather(-1, torch.tensor(ids[1:])[:, None]).mean())
+
+
+def test_prompt_perplexity_from_prefill_matches_a_full_forward(tiny_dir: Path, store: AdapterStore,
+                                                               lora_all: Path) -> None:
+    """Sampled prompts get the mean log-prob of their tokens (adapter applied, padding ignored); others none."""
+    core = _core(tiny_dir, store, prompt_perplexity_sample=1.0)
+    tok = core.tokenizer
+    col = Collector()
+    plan = [(None, None, PROMPTS[0]), ("all", lora_all, PROMPTS[3]), (None, None, PROMPTS[5])]
+    for i, (name, _, prompt) in enumerate(plan):  # one prefill batch with different prompt lengths
+        p = SamplingParams(max_tokens=2, temperature=0.0)
+        core.add_request(GenerationRequest(str(i), tuple(tok(prompt)["input_ids"]), p, name), col.sink(str(i)))
+    while core.has_work():
+        core.step()
+    for i, (_, adir, prompt) in enumerate(plan):
+        ids = tok(prompt)["input_ids"]
+        first = col.events[str(i)][0]
+        if len(ids) < 2:
+            assert first.prompt_logprob is None
+            continue
+        assert first.prompt_logprob == pytest.approx(_prompt_logprob(tiny_dir, adir, ids), abs=TOL)
+        assert all(e.prompt_logprob is None for e in col.events[str(i)][1:])
+    off = _core(tiny_dir, None, prompt_perplexity_sample=0.0)
+    col = Collector()
+    off.add_request(GenerationRequest("x", tuple(tok(PROMPTS[0])["input_ids"]),
+                                      SamplingParams(max_tokens=1, temperature=0.0)), col.sink("x"))
+    while off.has_work():
+        off.step()
+    assert col.events["x"][0].prompt_logprob is None
