@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--components", type=int, default=None)
     ap.add_argument("--neighbors", type=int, default=None)
     ap.add_argument("--skip-noise", action="store_true")
-    ap.add_argument("--ert-over", choices=["stream", "references"], default="stream",
+    ap.add_argument("--ert-over", choices=["references", "stream"], default="references",
                     help="DriftConfig.ert_over: how the CUSUM threshold is set from the ERT")
     ap.add_argument("--calibrate-noise", action="store_true")
     ap.add_argument("--out", type=Path, default=default_home() / "eval")

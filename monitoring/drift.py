@@ -46,12 +46,13 @@ class DriftConfig(BaseModel):
     n_neighbors: int = Field(default=5, gt=0)
     window: int = Field(default=200, gt=0, description="Recent requests summarised in alarm events.")
     enabled: bool = Field(default=True, description="Run drift detection for this adapter at all.")
-    ert_over: Literal["stream", "references"] = Field(
-        default="stream",
-        description="'stream': the ERT holds for a reference whose calibration came out unbiased (a typical "
-                    "deployment); 'references': the ERT holds on average over reference draws, which with a "
-                    "finite reference means more frequent false alarms for a typical deployment (see "
-                    "cusum_threshold).")
+    ert_over: Literal["references", "stream"] = Field(
+        default="references",
+        description="'references' (default): the ERT holds as measured, averaged over how the reference sample "
+                    "happened to come out (a finite reference shifts each deployment's scores a little, and run "
+                    "lengths grow exponentially with that shift); 'stream': the ERT holds for a deployment whose "
+                    "reference calibrated without bias, and averaged over deployments the run length is longer "
+                    "(2.6x measured at ERT 10,000; see cusum_threshold).")
 
 
 def cusum_arl(k: float, h: float, mu: float = 0.0) -> float:
