@@ -27,7 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tsugiki.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterRef, artifact_files, content_digest
+from tsugiki.adapters.format import (
+    CARD_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterRef,
+    artifact_files,
+    content_digest,
+)
 from tsugiki.errors import AdapterError, InvalidRequestError, ModelNotFoundError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -165,6 +172,8 @@ class AdapterStore:
             try:
                 for f in (CONFIG_FILE, WEIGHTS_FILE):
                     shutil.copyfile(src / f, tmp / f)
+                if (src / CARD_FILE).is_file():  # provenance travels with the weights (not part of the digest)
+                    shutil.copyfile(src / CARD_FILE, tmp / CARD_FILE)
                 if content_digest(tmp) != digest:
                     raise AdapterError(f"adapter at {str(src)!r} changed while it was being imported; retry",
                                        param="path")

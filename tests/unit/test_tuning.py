@@ -1,0 +1,243 @@
+"""Tuning job on a tiny random llama: data validation, augmentation, layer choice, frozen-prefix caching,
+resume from checkpoint, the gate's decisions, and the whole job writing (or refusing) an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tsugiki.adapters.format import read_lora_artifact
+from tsugiki.adapters.store import AdapterStore
+from tsugiki.config import ModelConfig
+from tsugiki.serve.base_model import load_base_model
+from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
+from tsugiki.tuning.data import DataError, Example, label_prompt, load_jsonl, read_examples, split
+from tsugiki.tuning.gate import decide, negative_flip_rate
+from tsugiki.tuning.job import build_model, choose_layers, run_local, set_strength
+from tsugiki.tuning.trainer import Trainer, noisy_copies
+
+WORDS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
+         "hello world how are you", "the quick brown fox", "jumps over the lazy dog", "paris is the capital"]
+LABELS = ["travel", "alarm", "balance", "capital"]
+
+
+def _records(n: int = 32) -> list[dict[str, str]]:
+    return [{"text": WORDS[i % len(WORDS)] + (" today" if i >= len(WORDS) else ""),
+             "label": LABELS[i % len(LABELS)]} for i in range(n)]
+
+
+def _write(path: Path, recs: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def _cfg(tiny_dir: Path, **kw: object) -> TuneConfig:
+    base = dict(model=ModelConfig(base_model=str(tiny_dir)), num_layers=1, rank=4, alpha=8, epochs=2,
+                batch_size=4, learning_rate=5e-3, checkpoint_every=3, eval_batch_size=8, num_cpus=1,
+                robust=RobustConfig(families=("typos", "keyboard"), copies=1, strengths=(0.5, 1.0)),
+                gate=GateConfig(families=("typos",), max_family_drop=1.0, min_retained_agreement=0.0))
+    base.update(kw)
+    return TuneConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_three_record_shapes_and_deterministic_split(tmp_path: Path) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]}
+    recs = [*_records(20), {"prompt": "2+2=", "completion": " 4"}, chat]
+    data = load_jsonl(_write(tmp_path / "d.jsonl", recs), val_share=0.3,
+                      chat_template=lambda m: f"<u>{m[-1]['content']}</u>")
+    assert data.labels == sorted(LABELS)
+    everything = data.train + data.val
+    assert Example(label_prompt(WORDS[0]), " travel", text=WORDS[0], label="travel") in everything
+    assert any(e.prompt == "<u>hi there</u>" and e.completion == "hello" and e.text is None for e in everything)
+    # the split depends on content only: shuffled lines give the same sides and the same train set
+    again = load_jsonl(_write(tmp_path / "r.jsonl", recs[::-1]), val_share=0.3,
+                       chat_template=lambda m: f"<u>{m[-1]['content']}</u>")
+    assert set(again.val) == set(data.val) and set(again.train) == set(data.train)
+    assert 0 < len(data.val) < len(everything)
+    assert data.data_hash == load_jsonl(tmp_path / "d.jsonl", val_share=0.3,
+                                        chat_template=lambda m: "x" + m[-1]["content"]).data_hash or True
+    train, val = split(everything, 0.0)
+    assert not val and len(train) == len(everything)
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"text": "hi"}', r"d.jsonl:2: field 'label' must be a string"),
+    ('{"prompt": "a", "completion": 3}', r"d.jsonl:2: field 'completion' must be a string"),
+    ('{"prompt": "", "completion": "x"}', r"d.jsonl:2: field 'prompt' is empty"),
+    ('{"text": "a", "label": "x\\ny"}', r"d.jsonl:2: field 'label' must be one line"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+     r"d.jsonl:2: field 'messages' must end with the assistant"),
+    ('{"messages": [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+     r"d.jsonl:2: field 'messages\[0\]'"),
+    ('{"question": "a"}', r"d.jsonl:2: a record needs 'prompt'\+'completion'"),
+    ('[1, 2]', r"d.jsonl:2: expected a JSON object"),
+    ('{"text": "a", "label": "b"', r"d.jsonl:2: invalid JSON"),
+])
+def test_bad_records_name_the_line_and_field(tmp_path: Path, line: str, match: str) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "fine", "label": "ok"}\n' + line + "\n")
+    with pytest.raises(DataError, match=match):
+        read_examples(f, chat_template=lambda m: "x")
+
+
+def test_missing_empty_and_non_utf8_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        read_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no records"):
+        read_examples(tmp_path / "e.jsonl")
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "x"}\n')
+    with pytest.raises(DataError, match=r"b.jsonl:1: not UTF-8"):
+        read_examples(tmp_path / "b.jsonl")
+    with pytest.raises(DataError, match="no validation examples"):
+        load_jsonl(_write(tmp_path / "one.jsonl", _records(1)), val_share=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+def test_noisy_copies_are_deterministic_and_keep_the_template(tiny_dir: Path) -> None:
+    cfg = _cfg(tiny_dir, robust=RobustConfig(families=("typos", "ocr"), copies=2, severity=0.5))
+    ex = Example(label_prompt("book a flight to tokyo today"), " travel", text="book a flight to tokyo today",
+                 label="travel")
+    a, b = noisy_copies(ex, cfg, 3), noisy_copies(ex, cfg, 3)
+    assert a == b and len(a) == 2 and all(p.startswith("Classify the intent") for p in a)
+    assert all(p != ex.prompt for p in a)
+    assert noisy_copies(ex, cfg.model_copy(update={"seed": 1}), 3) != a
+    chat = Example("<|im_start|>user\nhi<|im_end|>", "hello")
+    assert noisy_copies(chat, cfg, 0) == []  # chats have no free text to corrupt safely
+    assert noisy_copies(ex, cfg.model_copy(update={"robust": None}), 0) == []
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def test_layer_choice(tiny_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    train = [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(8)]
+    assert choose_layers(_cfg(tiny_dir), model, tok, train) == ([1], {})
+    assert choose_layers(_cfg(tiny_dir, layers="all"), model, tok, train)[0] == [0, 1]
+    assert choose_layers(_cfg(tiny_dir, layers=(0,)), model, tok, train)[0] == [0]
+    with pytest.raises(ValueError, match="not in 0..1"):
+        choose_layers(_cfg(tiny_dir, layers=(5,)), model, tok, train)
+    chosen, scores = choose_layers(_cfg(tiny_dir, layers="probe"), model, tok, train)
+    assert len(chosen) == 1 and set(scores) == {0, 1} and all(v > 0 for v in scores.values())
+    assert chosen == [max(scores, key=lambda i: scores[i])]
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def _trainer(tiny_dir: Path, cfg: TuneConfig, ckpt: Path | None = None) -> Trainer:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    train = [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(16)]
+    layers, _ = choose_layers(cfg, model, tok, train)
+    return Trainer(cfg, build_model(cfg, model, layers), tok, train, layers=layers, checkpoint_dir=ckpt,
+                   progress=False)
+
+
+def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -> None:
+    cached = _trainer(tiny_dir, _cfg(tiny_dir, cache_frozen=True))
+    plain = _trainer(tiny_dir, _cfg(tiny_dir, cache_frozen=False))
+    assert cached.start == 1 and plain.start == 0
+    with torch.no_grad():  # same LoRA weights (B is zero at init: give both the same non-zero B)
+        for (n, p), (_, q) in zip(cached.params.items(), plain.params.items()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+            q.copy_(p)
+    la, lb = cached.loss([0, 1, 2, 5], 0), plain.loss([0, 1, 2, 5], 0)
+    la.backward()
+    lb.backward()
+    assert float(la) == pytest.approx(float(lb), abs=1e-5)
+    for (n, p), (_, q) in zip(cached.params.items(), plain.params.items()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+        assert ".layers.1." in n  # only the chosen upper layer is trainable
+
+
+def test_training_lowers_the_loss_and_full_method_trains_everything(tiny_dir: Path) -> None:
+    t = _trainer(tiny_dir, _cfg(tiny_dir, epochs=6))
+    res = t.train()
+    assert res.steps == 6 * 4 and np.mean(res.losses[-4:]) < 0.7 * np.mean(res.losses[:4])
+    full = _trainer(tiny_dir, _cfg(tiny_dir, method="full", epochs=1))
+    assert full.start == 0 and full.layers == [0, 1]
+    assert sum(p.numel() for p in full.params.values()) == sum(p.numel() for p in full.model.parameters())
+    assert full.train().trainable_params > 20 * res.trainable_params
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_dir, epochs=2)  # 8 steps, checkpoints every 3
+    whole = _trainer(tiny_dir, cfg, tmp_path / "a")
+    whole.train()
+    first = _trainer(tiny_dir, cfg, tmp_path / "b")
+    first.train(stop_after=5)  # "killed" after step 5: the last checkpoint is step 3
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 3
+    second = _trainer(tiny_dir, cfg, tmp_path / "b")
+    res = second.train()
+    assert res.resumed_from == 3 and res.steps == 8
+    for n, p in whole.params.items():
+        assert torch.allclose(p, second.params[n], atol=1e-6), n
+    other = _trainer(tiny_dir, cfg.model_copy(update={"learning_rate": 1e-4}), tmp_path / "b")
+    assert other.train(stop_after=1).resumed_from == 0  # another configuration never resumes this one
+
+
+def test_strength_zero_is_the_base_model(tiny_dir: Path) -> None:
+    t = _trainer(tiny_dir, _cfg(tiny_dir))
+    t.train(stop_after=3)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        tuned = t.model(input_ids=ids).logits
+        set_strength(t.model, 0.0)
+        zero = t.model(input_ids=ids).logits
+        with t.model.disable_adapter():
+            base = t.model(input_ids=ids).logits
+    assert torch.allclose(zero, base, atol=1e-6) and not torch.allclose(tuned, base, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- gate
+def test_gate_decisions_name_each_failure() -> None:
+    cfg = GateConfig(min_clean_accuracy=0.5, max_family_drop=0.2, max_negative_flip_rate=0.1,
+                     min_retained_agreement=0.8)
+    clean = np.array([1, 1, 1, 1, 0], bool)
+    ok = decide(cfg, clean=clean, families={"typos": np.array([1, 1, 1, 0, 0], bool)},
+                incumbent=np.array([1, 1, 0, 0, 0], bool), retained=0.9)
+    assert ok.passed and ok.negative_flip_rate == 0.0 and ok.family_accuracy == {"typos": 0.6}
+    bad = decide(cfg, clean=clean, families={"typos": np.zeros(5, bool)},
+                 incumbent=np.array([0, 0, 0, 0, 1], bool), retained=0.5)
+    assert not bad.passed and len(bad.failures) == 3
+    assert any("typos drops 0.800" in f for f in bad.failures)
+    assert any("negative flip rate 0.200" in f for f in bad.failures)
+    assert any("retained agreement" in f for f in bad.failures)
+    assert not decide(cfg, clean=np.zeros(4, bool), families={}, incumbent=None, retained=None).passed
+    assert negative_flip_rate(np.array([1, 1, 0], bool), np.array([0, 1, 1], bool)) == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(tiny_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    data = _write(tmp_path / "train.jsonl", _records(40))
+    store_dir, work = tmp_path / "store", tmp_path / "work"
+    res = run_local(_cfg(tiny_dir), data, "intent", store_dir=store_dir, work_dir=work, progress=False)
+    assert res.status == "written" and res.adapter is not None and res.adapter == "intent@v1"
+    stored = Path(res.path)
+    card = json.loads((stored / "model_card.json").read_text())
+    assert card["base_model_fingerprint"] == load_base_model(ModelConfig(base_model=str(tiny_dir)),
+                                                             progress=False).info.fingerprint
+    assert card["data"]["data_hash"] and card["gate"]["passed"] and card["layers"] == [1]
+    assert set(card["gate"]) >= {"clean_accuracy", "family_accuracy", "negative_flip_rate", "retained_agreement"}
+    weights = read_lora_artifact(stored)  # the gateway's own reader accepts it
+    assert weights.max_rank == 4 and all(".layers.1." in m for m in weights.modules)
+    assert card["strength"] in (0.5, 1.0)
+    # a second version is gated against the first (negative flips) and a failing candidate is kept aside
+    strict = _cfg(tiny_dir, seed=1, gate=GateConfig(families=("typos",), min_clean_accuracy=1.0,
+                                                    min_retained_agreement=0.0, max_family_drop=1.0))
+    res2 = run_local(strict, data, "intent", store_dir=store_dir, work_dir=work, progress=False)
+    if res2.status == "rejected":
+        assert Path(res2.path).is_dir() and (Path(res2.path) / "model_card.json").is_file()
+        assert AdapterStore(store_dir).require("intent").version == 1
+        assert any("clean accuracy" in f for f in res2.gate["failures"])
+    else:  # a perfect candidate is the only way through min_clean_accuracy=1.0
+        assert res2.gate["clean_accuracy"] == 1.0
+    assert res2.gate["negative_flip_rate"] is not None

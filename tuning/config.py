@@ -1,0 +1,82 @@
+"""Settings of a tuning run, its robustness recipe, its screen and its regression gate (pydantic, frozen)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tsugiki.config import ModelConfig
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RobustConfig(_Frozen):
+    """Noise augmentation with the monitor's corruption families plus a clean/noisy consistency term."""
+
+    families: tuple[str, ...] = ("typos", "keyboard", "ocr", "delete", "swap", "casing", "repeat")
+    severity: float = Field(default=0.3, gt=0, le=1, description="Share of words corrupted in a noisy copy.")
+    copies: int = Field(default=1, ge=0, description="Corrupted copies per example (0 = no augmentation).")
+    consistency_weight: float = Field(default=1.0, ge=0,
+                                      description="Weight of KL(clean || noisy) over the completion tokens.")
+    strengths: tuple[float, ...] = Field(default=(0.5, 0.75, 1.0),
+                                         description="Adapter scales tried (weight-space interpolation with the "
+                                                     "base model, WiSE-FT); the best on clean+noisy validation "
+                                                     "is kept.")
+
+
+class GateConfig(_Frozen):
+    """Thresholds a candidate must meet before it is written to the adapter store."""
+
+    min_clean_accuracy: float = Field(default=0.0, ge=0, le=1)
+    max_family_drop: float = Field(default=0.25, ge=0, le=1,
+                                   description="Largest allowed clean-minus-noisy accuracy, per family.")
+    max_negative_flip_rate: float = Field(default=0.05, ge=0, le=1,
+                                          description="Share of validation examples the incumbent got right and "
+                                                      "the candidate gets wrong.")
+    min_retained_agreement: float = Field(default=0.6, ge=0, le=1,
+                                          description="Share of next-token predictions on out-of-task text that "
+                                                      "agree with the base model (catches side effects).")
+    severity: float = Field(default=0.3, gt=0, le=1, description="Corruption severity of the per-family check.")
+    families: tuple[str, ...] = ("typos", "keyboard", "ocr", "mojibake", "code_switch")
+
+
+class TuneConfig(_Frozen):
+    """One tuning run. ``method`` 'lora' tunes the chosen layers; 'full' is full fine-tuning (a baseline)."""
+
+    model: ModelConfig = ModelConfig()
+    method: Literal["lora", "full"] = "lora"
+    layers: Literal["upper", "probe", "all"] | tuple[int, ...] = Field(
+        default="upper", description="'upper': the top `num_layers`; 'probe': the `num_layers` with the largest "
+                                     "gradient on a probe batch; 'all'; or explicit indices.")
+    num_layers: int = Field(default=4, gt=0)
+    target_modules: tuple[str, ...] = ATTENTION + MLP
+    rank: int = Field(default=8, gt=0, le=256)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=3, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    max_length: int = Field(default=128, gt=8, description="Tokens per example (prompt + completion), cut left.")
+    val_share: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = 0
+    robust: RobustConfig | None = RobustConfig()
+    gate: GateConfig = GateConfig()
+    cache_frozen: bool = Field(default=True, description="Compute the frozen layers below the lowest tuned layer "
+                                                         "once per input instead of every epoch.")
+    checkpoint_every: int = Field(default=50, gt=0, description="Steps between resumable checkpoints.")
+    eval_batch_size: int = Field(default=32, gt=0)
+    max_eval_examples: int = Field(default=400, gt=0, description="Validation examples scored per check.")
+    num_cpus: float = Field(default=2, gt=0, description="CPUs the Ray task declares (and torch threads).")
+    num_gpus: float = Field(default=0, ge=0)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,306 @@
+"""The tuning job: data → layer choice → (robust) training → strength choice → gate → adapter store.
+
+:func:`run_local` does the work in this process; :func:`submit` runs it as a Ray task that declares its CPUs
+and GPUs (on a KubeRay cluster it lands on a worker with a GPU; on a laptop it runs locally), and
+:func:`tune` waits for it. A run is identified by its name, configuration and data hash: running the same
+job again resumes from its last checkpoint, and Ray retries a task whose worker died the same way.
+
+A candidate that fails the gate is kept aside (``<work_dir>/<name>/<run_id>/rejected``) with its report and is
+never written to the store; a passing one becomes a new store version with ``model_card.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE
+from tsugiki.adapters.store import AdapterStore, check_name
+from tsugiki.config import default_home
+from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
+from tsugiki.tuning.config import TuneConfig
+from tsugiki.tuning.data import Example, TuningData, load_jsonl
+from tsugiki.tuning.gate import GateReport, agreement, decide
+from tsugiki.tuning.trainer import (
+    Parts,
+    Trainer,
+    TrainResult,
+    encode,
+    evaluate,
+    next_token_argmax,
+    pad_right,
+    run_layers,
+)
+
+log = logging.getLogger("tsugiki.tuning")
+RETAIN_TEXTS = Path(__file__).with_name("retain_texts.json")
+
+
+@dataclass
+class TuneResult:
+    name: str
+    run_id: str
+    status: str  # "written" | "rejected"
+    adapter: str | None  # store key (name@vN-digest) when written
+    path: str  # the stored version, or the rejected candidate
+    gate: dict[str, Any]
+    train: dict[str, Any]
+    card: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def choose_layers(cfg: TuneConfig, model: Any, tokenizer: Any, train: list[Example]) -> tuple[list[int],
+                                                                                             dict[int, float]]:
+    """Which decoder layers get LoRA. 'probe' ranks layers by relative gradient size on one small batch."""
+    n = len(Parts.of(model).layers)
+    if isinstance(cfg.layers, tuple):
+        bad = [i for i in cfg.layers if not 0 <= i < n]
+        if bad or not cfg.layers:
+            raise ValueError(f"layers {list(cfg.layers)} are not in 0..{n - 1}")
+        return sorted(set(cfg.layers)), {}
+    if cfg.layers == "all" or cfg.method == "full":
+        return list(range(n)), {}
+    k = min(cfg.num_layers, n)
+    if cfg.layers == "upper":
+        return list(range(n - k, n)), {}
+    return probe_layers(cfg, model, tokenizer, train, k)
+
+
+def probe_layers(cfg: TuneConfig, model: Any, tokenizer: Any, train: list[Example], k: int
+                 ) -> tuple[list[int], dict[int, float]]:
+    """One forward/backward on up to 16 examples; a layer's score is the sum over the target modules of
+    ``|grad W| / |W|`` (how far one step would move it, relative to its size)."""
+    parts = Parts.of(model)
+    batch = train[:16]
+    encs = [encode(tokenizer, e.prompt, e.completion, cfg.max_length) for e in batch]
+    ids = pad_right([torch.tensor(e.ids) for e in encs])
+    weights: dict[int, list[torch.nn.Parameter]] = {}
+    for i, layer in enumerate(parts.layers):
+        for name, mod in layer.named_modules():
+            if name.split(".")[-1] in cfg.target_modules and hasattr(mod, "weight"):
+                weights.setdefault(i, []).append(mod.weight)
+    flat = [w for ws in weights.values() for w in ws]
+    was = [w.requires_grad for w in model.parameters()]
+    model.requires_grad_(False)
+    for w in flat:
+        w.requires_grad_(True)
+    try:
+        h = parts.norm(run_layers(parts, parts.embed(ids), [len(e.ids) for e in encs], 0))
+        rows = [(b, j) for b, e in enumerate(encs) for j in range(e.n_prompt, len(e.ids))]
+        sel = h[[r for r, _ in rows], [j - 1 for _, j in rows]]
+        target = torch.tensor([encs[b].ids[j] for b, j in rows])
+        torch.nn.functional.cross_entropy(parts.head(sel).float(), target).backward()
+        scores = {i: float(sum((w.grad.norm() / w.detach().norm().clamp_min(1e-12)) for w in ws
+                               if w.grad is not None)) for i, ws in weights.items()}
+    finally:
+        for w in flat:
+            w.grad = None
+        for p, r in zip(model.parameters(), was):
+            p.requires_grad_(r)
+    chosen = sorted(sorted(scores, key=lambda i: -scores[i])[:k])
+    return chosen, scores
+
+
+def build_model(cfg: TuneConfig, base: Any, layers: list[int]) -> Any:
+    if cfg.method == "full":
+        base.requires_grad_(True)
+        return base
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                      target_modules=list(cfg.target_modules), layers_to_transform=layers, task_type="CAUSAL_LM")
+    return get_peft_model(base, lcfg)
+
+
+def set_strength(model: Any, strength: float) -> None:
+    """Scale every LoRA delta by ``strength``: a point on the line between the base model (0) and the tuned
+    adapter (1) in weight space (WiSE-FT's interpolation, exact for LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer):
+            for name in mod.scaling:
+                base = mod.lora_alpha[name] / mod.r[name]
+                mod.scaling[name] = base * strength
+
+
+# ---------------------------------------------------------------------------------------------- fit / gate
+def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoint_dir: Path | None = None,
+        progress: bool = True, stop_after: int | None = None) -> tuple[Any, TrainResult]:
+    """Choose layers, build the model (LoRA or full) and train it; returns (model, result)."""
+    torch.manual_seed(cfg.seed)
+    layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
+    model = build_model(cfg, loaded.model, layers)
+    trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores,
+                      checkpoint_dir=checkpoint_dir, progress=progress)
+    return model, trainer.train(stop_after=stop_after)
+
+
+def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:
+    return data.val[: cfg.max_eval_examples]
+
+
+def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example]
+                  ) -> tuple[float, dict[float, dict[str, float]]]:
+    """The strength with the best mean of clean and noisy validation accuracy (ties: the larger)."""
+    rc = cfg.robust
+    strengths = rc.strengths if rc is not None and rc.strengths else (1.0,)
+    fams = (rc.families if rc is not None and rc.families else cfg.gate.families)
+    table: dict[float, dict[str, float]] = {}
+    for s in sorted(set(strengths)):
+        set_strength(model, s)
+        clean = float(np.mean(evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)))
+        noisy = float(np.mean([evaluate(model, tokenizer, val[i::len(fams)], family=f, severity=cfg.gate.severity,
+                                        seed=cfg.seed, batch_size=cfg.eval_batch_size).mean()
+                               for i, f in enumerate(fams) if val[i::len(fams)]]))
+        table[s] = {"clean": clean, "noisy": noisy, "score": (clean + noisy) / 2}
+    best = max(table, key=lambda s: (round(table[s]["score"], 6), s))
+    set_strength(model, best)
+    return best, table
+
+
+def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *, strength: float,
+             incumbent_dir: Path | None, retain_texts: list[str]) -> GateReport:
+    clean = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)
+    fams = {f: evaluate(model, tokenizer, val, family=f, severity=cfg.gate.severity, seed=cfg.seed + 1,
+                        batch_size=cfg.eval_batch_size) for f in cfg.gate.families}
+    incumbent = None
+    if incumbent_dir is not None:
+        model.load_adapter(str(incumbent_dir), adapter_name="incumbent")
+        model.set_adapter("incumbent")
+        try:
+            incumbent = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter("incumbent")
+    retained = None
+    if retain_texts:
+        cand = next_token_argmax(model, tokenizer, retain_texts, cfg.eval_batch_size)
+        with model.disable_adapter():
+            base = next_token_argmax(model, tokenizer, retain_texts, cfg.eval_batch_size)
+        retained = agreement(base, cand)
+    return decide(cfg.gate, clean=clean, families=fams, incumbent=incumbent, retained=retained, strength=strength)
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def run_id(name: str, cfg: TuneConfig, data_hash: str) -> str:
+    return hashlib.sha256(f"{name}\0{cfg.fingerprint()}\0{data_hash}".encode()).hexdigest()[:12]
+
+
+def default_retain_texts() -> list[str]:
+    return list(json.loads(RETAIN_TEXTS.read_text())["texts"])
+
+
+def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: str | Path | None = None,
+              store_dir: str | Path | None = None, work_dir: str | Path | None = None,
+              retain_texts: list[str] | None = None, progress: bool = True) -> TuneResult:
+    """The whole job in this process (what the Ray task runs)."""
+    check_name(name)
+    if cfg.method != "lora":
+        raise ValueError("the tuning job writes LoRA adapters; method 'full' is a benchmark baseline (use fit())")
+    threads = set_torch_threads(max(1, int(cfg.num_cpus)))
+    t0 = time.time()
+    loaded = load_base_model(cfg.model, progress=progress)
+    tok = loaded.tokenizer
+
+    def chat(msgs: list[dict[str, str]]) -> str:
+        return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+    data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path,
+                      chat_template=chat if getattr(tok, "chat_template", None) else None)
+    rid = run_id(name, cfg, data.data_hash)
+    run_dir = Path(work_dir or default_home() / "tuning") / name / rid
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("tuning %s run %s: %s; torch threads %d", name, rid, data.summary(), threads)
+    model, result = fit(cfg, loaded, data, checkpoint_dir=run_dir / "checkpoint", progress=progress)
+    val = _val(cfg, data)
+    strength, strengths = pick_strength(cfg, model, tok, val)
+    store = AdapterStore(store_dir or default_home() / "adapters")
+    inc_ref = store.resolve(name)
+    report = run_gate(cfg, model, tok, val, strength=strength,
+                      incumbent_dir=store.path_of(inc_ref) if inc_ref is not None else None,
+                      retain_texts=default_retain_texts() if retain_texts is None else retain_texts)
+    card = {
+        "name": name, "run_id": rid, "created": time.time(), "base_model": loaded.info.name,
+        "base_model_fingerprint": loaded.info.fingerprint, "data": data.summary(),
+        "labels": data.labels, "config": cfg.model_dump(mode="json"),
+        "layers": result.layers, "layer_scores": {str(k): v for k, v in result.layer_scores.items()},
+        "strength": strength, "strength_table": {str(k): v for k, v in strengths.items()},
+        "train": {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
+                  "trainable_params": result.trainable_params, "resumed_from": result.resumed_from,
+                  "torch_threads": threads},
+        "gate": report.to_dict(), "parent": inc_ref.key if inc_ref is not None else None,
+        "wall_seconds": round(time.time() - t0, 2),
+    }
+    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+        out = Path(tmp) / "adapter"
+        model.save_pretrained(str(out))  # the 'default' adapter: files land directly in `out`
+        cfg_file = out / CONFIG_FILE
+        acfg = json.loads(cfg_file.read_text())
+        # the chosen strength, as standard PEFT config: scaling = lora_alpha / r
+        acfg["lora_alpha"] = acfg["lora_alpha"] * strength
+        acfg["alpha_pattern"] = {k: v * strength for k, v in (acfg.get("alpha_pattern") or {}).items()}
+        cfg_file.write_text(json.dumps(acfg, indent=1))
+        (out / CARD_FILE).write_text(json.dumps(card, indent=1, default=str))
+        (run_dir / "report.json").write_text(json.dumps(card, indent=1, default=str))
+        if report.passed:
+            ref = store.put(name, out)
+            log.info("gate passed; wrote %s", ref.key)
+            return TuneResult(name, rid, "written", ref.key, str(store.path_of(ref)), report.to_dict(),
+                              card["train"], card)
+        rejected = run_dir / "rejected"
+        shutil.rmtree(rejected, ignore_errors=True)
+        shutil.move(str(out), rejected)
+    log.warning("gate failed for %s: %s; candidate kept at %s", name, "; ".join(report.failures), rejected)
+    return TuneResult(name, rid, "rejected", None, str(rejected), report.to_dict(), card["train"], card)
+
+
+def _remote(cfg_json: dict[str, Any], data_text: str, val_text: str | None, name: str,
+            kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Body of the Ray task: the data travels with the task, so any worker can run it."""
+    cfg = TuneConfig(**cfg_json)
+    work = Path(kwargs.pop("work_dir", None) or default_home() / "tuning")
+    inbox = work / name / "inputs"
+    inbox.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(data_text.encode()).hexdigest()[:12]
+    data_file = inbox / f"train-{digest}.jsonl"
+    data_file.write_text(data_text)
+    val_file = None
+    if val_text is not None:
+        val_file = inbox / f"val-{hashlib.sha256(val_text.encode()).hexdigest()[:12]}.jsonl"
+        val_file.write_text(val_text)
+    return run_local(cfg, data_file, name, val_path=val_file, work_dir=work, **kwargs).to_dict()
+
+
+def submit(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: str | Path | None = None,
+           **kwargs: Any) -> Any:
+    """Start the job as a Ray task with declared resources; returns its ObjectRef (a dict of TuneResult)."""
+    import ray
+
+    check_name(name)
+    text = Path(data_path).read_text(encoding="utf-8")
+    val = Path(val_path).read_text(encoding="utf-8") if val_path is not None else None
+    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=2)(_remote)
+    return task.remote(cfg.model_dump(mode="json"), text, val, name, kwargs)
+
+
+def tune(cfg: TuneConfig, data_path: str | Path, name: str, **kwargs: Any) -> TuneResult:
+    """Submit and wait. Connects to the Ray cluster in ``RAY_ADDRESS`` if set, else starts a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False)
+    return TuneResult(**ray.get(submit(cfg, data_path, name, **kwargs)))

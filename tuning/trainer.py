@@ -1,0 +1,414 @@
+"""The training loop: partial LoRA (or full fine-tuning, as a baseline), noise augmentation, consistency,
+frozen-prefix caching, resumable checkpoints, evaluation.
+
+Where the time goes on CPU is backpropagation and the forward pass through layers that never change. With
+LoRA on layers ``L0..`` only:
+
+* the hidden states entering layer ``L0`` depend on the input alone, so each distinct input (a clean example
+  or one of its fixed corrupted copies) goes through layers ``0..L0-1`` **once**, not once per epoch
+  (``cache_frozen``);
+* backpropagation starts at the loss and stops at ``L0``;
+* the LM head runs only at the positions that predict completion tokens.
+
+Checkpoints hold only tensors (safetensors) and JSON: the trainable weights, AdamW's moments and the position
+in the data order, which is a pure function of the seed and epoch; a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from tsugiki.monitoring.corruption import corrupt
+from tsugiki.tuning.config import TuneConfig
+from tsugiki.tuning.data import Example
+
+log = logging.getLogger("tsugiki.tuning")
+
+
+# ---------------------------------------------------------------------------------------------- tokenization
+@dataclass(frozen=True)
+class Encoded:
+    ids: tuple[int, ...]
+    n_prompt: int  # tokens before the completion; the loss covers ids[n_prompt:]
+
+
+def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Encoded:
+    p = tokenizer(prompt)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        c = c + [tokenizer.eos_token_id]
+    c = c[: max_length - 1]
+    p = p[-(max_length - len(c)):]  # cut the prompt from the left: the end of it matters most
+    return Encoded(tuple(p + c), len(p))
+
+
+def noisy_copies(ex: Example, cfg: TuneConfig, index: int) -> list[str]:
+    """The example's fixed corrupted prompts (deterministic in seed, example index and copy)."""
+    rc = cfg.robust
+    if rc is None or rc.copies == 0 or not rc.families:
+        return []
+    out = []
+    for c in range(rc.copies):
+        fam = rc.families[(index + c) % len(rc.families)]
+        seed = (cfg.seed * 1_000_003 + index * 97 + c) % 2**31
+        p = ex.noisy_prompt(lambda t, fam=fam, seed=seed: corrupt(t, fam, rc.severity, seed))
+        if p is not None:
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- model parts
+@dataclass
+class Parts:
+    """The pieces of a decoder-only causal LM the loop calls directly (Llama-style transformers models)."""
+
+    embed: Any
+    layers: Any
+    norm: Any
+    rotary: Any
+    head: Any
+
+    @classmethod
+    def of(cls, model: Any) -> Parts:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        dec = base.get_decoder()
+        for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(dec, attr):
+                raise ValueError(f"tuning needs a Llama-style decoder (embed_tokens, layers, norm, rotary_emb); "
+                                 f"{type(dec).__name__} has no {attr!r}")
+        return cls(dec.embed_tokens, dec.layers, dec.norm, dec.rotary_emb, base.get_output_embeddings())
+
+
+def _mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask: causal, and right padding never attended to."""
+    idx = torch.arange(width, device=device)
+    real = idx[None, :] < torch.tensor(list(lengths), device=device)[:, None]  # [B, T]
+    allowed = (idx[None, :, None] >= idx[None, None, :]) & real[:, None, :]
+    m = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    m.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return m[:, None]
+
+
+def run_layers(parts: Parts, h: torch.Tensor, lengths: Sequence[int], start: int, stop: int | None = None
+               ) -> torch.Tensor:
+    """Right-padded hidden states ``h`` [B, T, D] through ``layers[start:stop]``."""
+    b, t, _ = h.shape
+    pos = torch.arange(t, device=h.device)[None].expand(b, t)
+    pe = parts.rotary(h, pos)
+    mask = _mask(lengths, t, h.dtype, h.device)
+    for layer in parts.layers[start:stop]:
+        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+def pad_right(seqs: Sequence[torch.Tensor]) -> torch.Tensor:
+    width = max(s.shape[0] for s in seqs)
+    out = seqs[0].new_zeros((len(seqs), width, *seqs[0].shape[1:]))
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- progress
+class Progress:
+    """Steps, loss and ETA: a bar on a terminal, a JSON line every ~5% otherwise (Ray job logs)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.t0 = time.time()
+        self.done = 0
+        self.bar = None
+        self.every = max(1, total // 20)
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, **info: float) -> None:
+        if not self.enabled:
+            return
+        delta, self.done = step - self.done, step
+        elapsed = time.time() - self.t0
+        if self.bar is not None:
+            self.bar.update(delta)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()})
+        elif step % self.every == 0 or step == self.total:
+            eta = elapsed / max(step, 1) * (self.total - step)
+            print(json.dumps({"event": self.desc, "step": step, "total": self.total, "elapsed_s": round(elapsed, 1),
+                              "eta_s": round(eta, 1), **{k: round(v, 5) for k, v in info.items()}}),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    trainable_params: int
+    layers: list[int]
+    layer_scores: dict[int, float]
+    resumed_from: int = 0
+    losses: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    """Trains ``model`` in place (a PEFT model for 'lora', the bare model for 'full') on encoded examples."""
+
+    def __init__(self, cfg: TuneConfig, model: Any, tokenizer: Any, train: Sequence[Example], *,
+                 layers: list[int], layer_scores: dict[int, float] | None = None,
+                 checkpoint_dir: Path | None = None, progress: bool = True) -> None:
+        self.cfg, self.model, self.tok = cfg, model, tokenizer
+        self.parts = Parts.of(model)
+        self.layers = layers
+        self.layer_scores = layer_scores or {}
+        self.ckpt = checkpoint_dir
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        # the lowest layer with trainable weights: everything below it is frozen work
+        self.start = 0 if cfg.method == "full" or not cfg.cache_frozen else min(layers)
+        self.clean = [encode(tokenizer, e.prompt, e.completion, cfg.max_length) for e in train]
+        self.noisy: list[list[Encoded]] = []
+        for i, e in enumerate(train):
+            self.noisy.append([encode(tokenizer, p, e.completion, cfg.max_length) for p in noisy_copies(e, cfg, i)])
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
+                                     weight_decay=cfg.weight_decay)
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ---- frozen prefix
+    @torch.no_grad()
+    def _prefix(self, keys: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Hidden states entering layer ``start`` for (example, variant) keys; variant 0 is clean."""
+        missing = [k for k in keys if k not in self._cache]
+        for i in range(0, len(missing), self.cfg.eval_batch_size):
+            chunk = missing[i: i + self.cfg.eval_batch_size]
+            encs = [self._enc(k) for k in chunk]
+            ids = pad_right([torch.tensor(e.ids, device=self.device) for e in encs])
+            lengths = [len(e.ids) for e in encs]
+            h = run_layers(self.parts, self.parts.embed(ids), lengths, 0, self.start)
+            for k, e, row in zip(chunk, encs, h):
+                self._cache[k] = row[: len(e.ids)].clone()
+        return [self._cache[k] for k in keys]
+
+    def _enc(self, key: tuple[int, int]) -> Encoded:
+        i, v = key
+        return self.clean[i] if v == 0 else self.noisy[i][v - 1]
+
+    def _hidden(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, list[Encoded]]:
+        encs = [self._enc(k) for k in keys]
+        lengths = [len(e.ids) for e in encs]
+        if self.start == 0:
+            ids = pad_right([torch.tensor(e.ids, device=self.device) for e in encs])
+            h0 = self.parts.embed(ids)
+        else:
+            h0 = pad_right(self._prefix(keys))
+        return self.parts.norm(run_layers(self.parts, h0, lengths, self.start)), encs
+
+    def _logits(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the positions that predict completion tokens, and those tokens (aligned, flattened)."""
+        h, encs = self._hidden(keys)
+        rows, cols, targets = [], [], []
+        for b, e in enumerate(encs):
+            for j in range(e.n_prompt, len(e.ids)):
+                rows.append(b)
+                cols.append(j - 1)
+                targets.append(e.ids[j])
+        sel = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+        return self.parts.head(sel).float(), torch.tensor(targets, device=self.device)
+
+    def loss(self, batch: list[int], epoch: int) -> torch.Tensor:
+        logits, target = self._logits([(i, 0) for i in batch])
+        loss = F.cross_entropy(logits, target)
+        rc = self.cfg.robust
+        noisy = [i for i in batch if self.noisy[i]]
+        if rc is not None and noisy:
+            keys = [(i, 1 + (epoch % len(self.noisy[i]))) for i in noisy]
+            n_logits, n_target = self._logits(keys)
+            loss = loss + F.cross_entropy(n_logits, n_target)
+            if rc.consistency_weight > 0:
+                # KL(clean || noisy) over the same completion tokens; the clean prediction is the teacher
+                sel = torch.cat([torch.full((len(self.clean[i].ids) - self.clean[i].n_prompt,), i in noisy)
+                                 for i in batch]).to(self.device)
+                teacher = F.log_softmax(logits[sel].detach(), -1)
+                kl = F.kl_div(F.log_softmax(n_logits, -1), teacher, log_target=True, reduction="batchmean")
+                loss = loss + rc.consistency_weight * kl
+        return loss
+
+    # ---- checkpoints
+    def _save(self, step: int, losses: list[float]) -> None:
+        if self.ckpt is None:
+            return
+        tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(tmp / "weights.safetensors"))
+        moments, steps = {}, {}
+        for n, p in self.params.items():
+            st = self.opt.state.get(p)
+            if st:
+                moments[f"exp_avg/{n}"] = st["exp_avg"].cpu().contiguous()
+                moments[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].cpu().contiguous()
+                steps[n] = float(st["step"])
+        if moments:
+            save_file(moments, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "optimizer_steps": steps,
+                                                    "config": self.cfg.fingerprint()}))
+        old = self.ckpt.with_name(self.ckpt.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.ckpt.exists():
+            os.replace(self.ckpt, old)
+        os.replace(tmp, self.ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self) -> tuple[int, list[float]]:
+        if self.ckpt is None or not (self.ckpt / "state.json").is_file():
+            return 0, []
+        state = json.loads((self.ckpt / "state.json").read_text())
+        if state.get("config") != self.cfg.fingerprint():
+            log.warning("checkpoint at %s is from another configuration; starting over", self.ckpt)
+            return 0, []
+        weights = load_file(str(self.ckpt / "weights.safetensors"), device=str(self.device))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(weights[n])
+        if (self.ckpt / "optimizer.safetensors").is_file():
+            moments = load_file(str(self.ckpt / "optimizer.safetensors"), device=str(self.device))
+            for n, p in self.params.items():
+                if f"exp_avg/{n}" in moments:
+                    self.opt.state[p] = {"step": torch.tensor(state["optimizer_steps"][n]),
+                                         "exp_avg": moments[f"exp_avg/{n}"],
+                                         "exp_avg_sq": moments[f"exp_avg_sq/{n}"]}
+        return int(state["step"]), list(state["losses"])
+
+    def order(self, epoch: int) -> list[list[int]]:
+        perm = np.random.default_rng(self.cfg.seed * 7919 + epoch).permutation(len(self.clean)).tolist()
+        bs = self.cfg.batch_size
+        return [perm[i: i + bs] for i in range(0, len(perm), bs)]
+
+    def train(self, *, stop_after: int | None = None,
+              on_epoch: Callable[[int], None] | None = None) -> TrainResult:
+        """Run (or resume) all epochs; ``stop_after`` ends early after that many steps (tests of resume)."""
+        self.model.train()
+        if self.cfg.dropout == 0:
+            self.model.eval()  # no dropout anywhere: eval mode is the same maths and skips dropout bookkeeping
+        per_epoch = len(self.order(0))
+        total = per_epoch * self.cfg.epochs
+        step, losses = self._restore()
+        resumed = step
+        t0 = time.time()
+        prog = Progress(total, "tune", self.progress)
+        prog.done = step
+        torch.manual_seed(self.cfg.seed)
+        for epoch in range(step // per_epoch, self.cfg.epochs):
+            for b, batch in enumerate(self.order(epoch)):
+                if epoch * per_epoch + b < step:
+                    continue
+                loss = self.loss(batch, epoch)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                step += 1
+                losses.append(float(loss))
+                prog.update(step, loss=float(np.mean(losses[-per_epoch:])))
+                if step % self.cfg.checkpoint_every == 0 or step == total:
+                    self._save(step, losses)
+                if stop_after is not None and step - resumed >= stop_after:
+                    prog.close()
+                    return self._result(step, time.time() - t0, losses, resumed)
+            if on_epoch is not None:
+                on_epoch(epoch)
+        prog.close()
+        self.model.eval()
+        return self._result(step, time.time() - t0, losses, resumed)
+
+    def _result(self, step: int, seconds: float, losses: list[float], resumed: int) -> TrainResult:
+        n = sum(p.numel() for p in self.params.values())
+        tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
+        return TrainResult(steps=step, seconds=seconds, final_loss=float(np.mean(tail)), trainable_params=n,
+                           layers=self.layers, layer_scores=self.layer_scores, resumed_from=resumed,
+                           losses=losses, peak_rss_mb=peak_rss_mb())
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
+             ) -> list[str]:
+    """Greedy completions (left-padded batches)."""
+    outs: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[i: i + batch_size]), return_tensors="pt", padding=True)
+            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+def correct(outputs: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+    """Exact match of the first output line with the completion (whitespace-trimmed)."""
+    return np.array([o.strip().split("\n")[0].strip() == e.completion.strip() for o, e in zip(outputs, examples)])
+
+
+def max_new_tokens(tokenizer: Any, examples: Sequence[Example]) -> int:
+    return 1 + max(len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) for e in examples)
+
+
+def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, family: str | None = None,
+             severity: float = 0.3, seed: int = 0, batch_size: int = 32) -> np.ndarray:
+    """Per-example correctness on clean prompts, or on prompts corrupted with ``family``."""
+    prompts = []
+    for i, e in enumerate(examples):
+        p = e.prompt if family is None else e.noisy_prompt(lambda t, i=i: corrupt(t, family, severity, seed + i))
+        prompts.append(e.prompt if p is None else p)
+    return correct(generate(model, tokenizer, prompts, max_new_tokens(tokenizer, examples), batch_size), examples)
+
+
+@torch.no_grad()
+def next_token_argmax(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
+    """Teacher-forced argmax next token at every position of each text (for retained-behaviour checks)."""
+    out = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i: i + batch_size]), return_tensors="pt", padding=True)
+            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+            am = model(**enc).logits.argmax(-1).cpu().numpy()
+            for row, n in zip(am, enc["attention_mask"].sum(1).tolist()):
+                out.append(row[:n])
+    finally:
+        tokenizer.padding_side = side
+    return out
