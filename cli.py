@@ -3,6 +3,7 @@
     tsugiki serve [--host H] [--port P] [--base-model DIR] [--adapter-dir DIR] [--config FILE]
     tsugiki adapters list|load NAME PATH|unload NAME [--url URL] [--key KEY]
     tsugiki convert            convert and cache the embedded default model
+    tsugiki tune --data FILE --name NAME [--val FILE] [--config FILE] [--screen] [--local] ...
 """
 
 from __future__ import annotations
@@ -122,6 +123,61 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_config(args: argparse.Namespace) -> Any:
+    import yaml
+
+    from tsugiki.tuning.config import TuneConfig
+
+    raw: dict[str, Any] = {}
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read {args.config}: {e}") from e
+        raw = dict(raw.get("tune", raw))
+    flags = {"method": args.method, "num_layers": args.num_layers, "rank": args.rank, "alpha": args.alpha,
+             "learning_rate": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+             "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "seed": args.seed}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if args.layers:
+        raw["layers"] = tuple(int(x) for x in args.layers.split(",")) if args.layers[0].isdigit() else args.layers
+    if args.base_model:
+        raw["model"] = {**raw.get("model", {}), "base_model": args.base_model}
+    if args.no_robust:
+        raw["robust"] = None
+    try:
+        return TuneConfig(**raw)
+    except Exception as e:  # pydantic's message names the field
+        raise ConfigError(f"invalid tuning settings: {e}") from e
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tsugiki.tuning import job
+    from tsugiki.tuning.data import DataError
+
+    _configure_logging(args.log_level)
+    cfg = _tune_config(args)
+    kw: dict[str, Any] = {"val_path": args.val, "store_dir": args.store_dir, "work_dir": args.work_dir}
+    try:
+        if args.local:
+            result = job.run_local(cfg, args.data, args.name, **kw)
+        else:
+            result = job.tune(cfg, args.data, args.name, screen=args.screen, **kw)
+    except (DataError, ValueError) as e:
+        print(f"tsugiki: error: {e}", file=sys.stderr)
+        return 2
+    g = result.gate
+    print(json.dumps(result.to_dict(), indent=1, default=str) if args.json else
+          f"{result.status}: {result.adapter or result.path}\n"
+          f"  clean accuracy {g['clean_accuracy']:.3f}; per family "
+          + ", ".join(f"{k} {v:.3f}" for k, v in g["family_accuracy"].items())
+          + f"\n  negative flips {g['negative_flip_rate']}; retained agreement {g['retained_agreement']}"
+          + f"; strength {g['strength']}\n  {result.train['steps']} steps in {result.train['seconds']} s"
+          + ("" if g["passed"] else "\n  gate failures: " + "; ".join(g["failures"])))
+    return 0 if result.status == "written" else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsugiki", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +197,32 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_adapters)
     c = sub.add_parser("convert", help="convert and cache the embedded default model")
     c.set_defaults(func=cmd_convert)
+    t = sub.add_parser("tune", help="tune a robust LoRA adapter on a Ray worker, gate it, write it to the store",
+                       description="Exit status: 0 written to the store, 3 rejected by the gate, 2 bad input.")
+    t.add_argument("--data", required=True, help="JSON Lines: prompt/completion, text/label or messages records")
+    t.add_argument("--name", required=True, help="adapter name in the store")
+    t.add_argument("--val", help="validation JSON Lines (default: a content-hash split of --data)")
+    t.add_argument("--config", help="YAML/JSON TuneConfig (top level or under 'tune:'); flags override it")
+    t.add_argument("--base-model", help="local transformers model directory (default: embedded SmolLM2-135M)")
+    t.add_argument("--store-dir", help="adapter store (default: ~/.cache/tsugiki/adapters)")
+    t.add_argument("--work-dir", help="checkpoints and reports (default: ~/.cache/tsugiki/tuning)")
+    t.add_argument("--method", choices=["lora"])
+    t.add_argument("--layers", help="upper | probe | all | comma-separated layer indices")
+    t.add_argument("--num-layers", type=int)
+    t.add_argument("--rank", type=int)
+    t.add_argument("--alpha", type=float)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--num-cpus", type=float, help="CPUs the Ray task declares (also torch's threads)")
+    t.add_argument("--num-gpus", type=float)
+    t.add_argument("--no-robust", action="store_true", help="no noise augmentation or consistency term")
+    t.add_argument("--screen", action="store_true", help="ASHA screen over rank, learning rate and layers first")
+    t.add_argument("--local", action="store_true", help="run in this process instead of a Ray task")
+    t.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    t.add_argument("--log-level", default="WARNING")
+    t.set_defaults(func=cmd_tune)
     return p
 
 

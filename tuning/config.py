@@ -21,7 +21,7 @@ class _Frozen(BaseModel):
 class RobustConfig(_Frozen):
     """Noise augmentation with the monitor's corruption families plus a clean/noisy consistency term."""
 
-    families: tuple[str, ...] = ("typos", "keyboard", "ocr", "delete", "swap", "casing", "repeat")
+    families: tuple[str, ...] = ("typos", "keyboard", "ocr", "delete", "swap", "mojibake", "code_switch")
     severity: float = Field(default=0.3, gt=0, le=1, description="Share of words corrupted in a noisy copy.")
     copies: int = Field(default=1, ge=0, description="Corrupted copies per example (0 = no augmentation).")
     consistency_weight: float = Field(default=1.0, ge=0,
@@ -36,14 +36,18 @@ class GateConfig(_Frozen):
     """Thresholds a candidate must meet before it is written to the adapter store."""
 
     min_clean_accuracy: float = Field(default=0.0, ge=0, le=1)
-    max_family_drop: float = Field(default=0.25, ge=0, le=1,
+    min_gain_over_base: float = Field(default=0.05, ge=-1, le=1,
+                                      description="Clean accuracy must beat the base model's (adapter off) by this.")
+    max_family_drop: float = Field(default=0.3, ge=0, le=1,
                                    description="Largest allowed clean-minus-noisy accuracy, per family.")
     max_negative_flip_rate: float = Field(default=0.05, ge=0, le=1,
                                           description="Share of validation examples the incumbent got right and "
                                                       "the candidate gets wrong.")
-    min_retained_agreement: float = Field(default=0.6, ge=0, le=1,
+    min_retained_agreement: float = Field(default=0.25, ge=0, le=1,
                                           description="Share of next-token predictions on out-of-task text that "
-                                                      "agree with the base model (catches side effects).")
+                                                      "agree with the base model (catches side effects). A task "
+                                                      "adapter on the top 4 of 30 layers keeps ~0.4 on CLINC150's "
+                                                      "out-of-scope queries; a broken one falls towards 0.")
     severity: float = Field(default=0.3, gt=0, le=1, description="Corruption severity of the per-family check.")
     families: tuple[str, ...] = ("typos", "keyboard", "ocr", "mojibake", "code_switch")
 

@@ -22,6 +22,7 @@ class GateReport:
     family_accuracy: dict[str, float]
     negative_flip_rate: float | None  # None: no incumbent
     retained_agreement: float | None  # None: no out-of-task text
+    base_accuracy: float | None = None  # the base model (adapter off) on the same clean validation data
     strength: float = 1.0
     n_val: int = 0
     failures: list[str] = field(default_factory=list)
@@ -46,12 +47,17 @@ def agreement(base: list[np.ndarray], cand: list[np.ndarray]) -> float:
 
 
 def decide(cfg: GateConfig, *, clean: np.ndarray, families: dict[str, np.ndarray],
-           incumbent: np.ndarray | None, retained: float | None, strength: float = 1.0) -> GateReport:
+           incumbent: np.ndarray | None, retained: float | None, strength: float = 1.0,
+           base: np.ndarray | None = None) -> GateReport:
     """Apply the thresholds; every failing check is named with its number and its limit."""
     acc = float(np.mean(clean)) if len(clean) else 0.0
     fam = {f: float(np.mean(v)) for f, v in families.items()}
     nfr = negative_flip_rate(incumbent, clean) if incumbent is not None else None
+    base_acc = float(np.mean(base)) if base is not None and len(base) else None
     failures = []
+    if base_acc is not None and acc < base_acc + cfg.min_gain_over_base - 1e-9:
+        failures.append(f"clean accuracy {acc:.3f} does not beat the base model's {base_acc:.3f} by "
+                        f"{cfg.min_gain_over_base}")
     if acc < cfg.min_clean_accuracy:
         failures.append(f"clean accuracy {acc:.3f} < {cfg.min_clean_accuracy}")
     for f, a in fam.items():
@@ -63,4 +69,4 @@ def decide(cfg: GateConfig, *, clean: np.ndarray, families: dict[str, np.ndarray
         failures.append(f"retained agreement with the base model {retained:.3f} < {cfg.min_retained_agreement} "
                         f"on out-of-task text")
     return GateReport(clean_accuracy=acc, family_accuracy=fam, negative_flip_rate=nfr, retained_agreement=retained,
-                      strength=strength, n_val=len(clean), failures=failures)
+                      base_accuracy=base_acc, strength=strength, n_val=len(clean), failures=failures)

@@ -186,13 +186,16 @@ def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *,
         finally:
             model.set_adapter("default")
             model.delete_adapter("incumbent")
+    with model.disable_adapter():
+        base_clean = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)
     retained = None
     if retain_texts:
         cand = next_token_argmax(model, tokenizer, retain_texts, cfg.eval_batch_size)
         with model.disable_adapter():
             base = next_token_argmax(model, tokenizer, retain_texts, cfg.eval_batch_size)
         retained = agreement(base, cand)
-    return decide(cfg.gate, clean=clean, families=fams, incumbent=incumbent, retained=retained, strength=strength)
+    return decide(cfg.gate, clean=clean, families=fams, incumbent=incumbent, retained=retained, strength=strength,
+                  base=base_clean)
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -206,7 +209,8 @@ def default_retain_texts() -> list[str]:
 
 def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: str | Path | None = None,
               store_dir: str | Path | None = None, work_dir: str | Path | None = None,
-              retain_texts: list[str] | None = None, progress: bool = True) -> TuneResult:
+              retain_texts: list[str] | None = None, progress: bool = True,
+              screen_record: dict[str, Any] | None = None) -> TuneResult:
     """The whole job in this process (what the Ray task runs)."""
     check_name(name)
     if cfg.method != "lora":
@@ -243,7 +247,7 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
                   "trainable_params": result.trainable_params, "resumed_from": result.resumed_from,
                   "torch_threads": threads},
         "gate": report.to_dict(), "parent": inc_ref.key if inc_ref is not None else None,
-        "wall_seconds": round(time.time() - t0, 2),
+        "wall_seconds": round(time.time() - t0, 2), "screen": screen_record,
     }
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
         out = Path(tmp) / "adapter"
@@ -297,10 +301,29 @@ def submit(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: str |
     return task.remote(cfg.model_dump(mode="json"), text, val, name, kwargs)
 
 
-def tune(cfg: TuneConfig, data_path: str | Path, name: str, **kwargs: Any) -> TuneResult:
-    """Submit and wait. Connects to the Ray cluster in ``RAY_ADDRESS`` if set, else starts a local one."""
+def tune(cfg: TuneConfig, data_path: str | Path, name: str, *, screen: bool = False,
+         val_path: str | Path | None = None, **kwargs: Any) -> TuneResult:
+    """Submit and wait. Connects to the Ray cluster in ``RAY_ADDRESS`` if set, else starts a local one.
+
+    With ``screen`` an ASHA screen (Ray Tune trials, see :mod:`tsugiki.tuning.screen`) picks rank, learning
+    rate and layer count first; its trials and reasons go into the model card.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
-    return TuneResult(**ray.get(submit(cfg, data_path, name, **kwargs)))
+    if screen:
+        from transformers import AutoTokenizer
+
+        from tsugiki.serve.base_model import resolve_base_model
+        from tsugiki.tuning.screen import screen as run_screen
+
+        tok = AutoTokenizer.from_pretrained(resolve_base_model(cfg.model))
+        data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path,
+                          chat_template=(lambda m: str(tok.apply_chat_template(m, tokenize=False,
+                                                                               add_generation_prompt=True)))
+                          if getattr(tok, "chat_template", None) else None)
+        found = run_screen(cfg, data)
+        cfg = found.apply(cfg)
+        kwargs["screen_record"] = found.to_dict()
+    return TuneResult(**ray.get(submit(cfg, data_path, name, val_path=val_path, **kwargs)))

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.data import Example
 
 log = logging.getLogger("tsugiki.tuning")
+# PEFT asks transformers a deprecated question on every model it wraps; the warning is not ours to fix
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
@@ -336,7 +339,7 @@ class Trainer:
                 loss.backward()
                 self.opt.step()
                 step += 1
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 prog.update(step, loss=float(np.mean(losses[-per_epoch:])))
                 if step % self.cfg.checkpoint_every == 0 or step == total:
                     self._save(step, losses)

@@ -40,7 +40,8 @@ def _cfg(tiny_dir: Path, **kw: object) -> TuneConfig:
     base = dict(model=ModelConfig(base_model=str(tiny_dir)), num_layers=1, rank=4, alpha=8, epochs=2,
                 batch_size=4, learning_rate=5e-3, checkpoint_every=3, eval_batch_size=8, num_cpus=1,
                 robust=RobustConfig(families=("typos", "keyboard"), copies=1, strengths=(0.5, 1.0)),
-                gate=GateConfig(families=("typos",), max_family_drop=1.0, min_retained_agreement=0.0))
+                gate=GateConfig(families=("typos",), max_family_drop=1.0, min_retained_agreement=0.0,
+                                min_gain_over_base=-1.0))
     base.update(kw)
     return TuneConfig(**base)
 
@@ -211,6 +212,10 @@ def test_gate_decisions_name_each_failure() -> None:
     assert any("negative flip rate 0.200" in f for f in bad.failures)
     assert any("retained agreement" in f for f in bad.failures)
     assert not decide(cfg, clean=np.zeros(4, bool), families={}, incumbent=None, retained=None).passed
+    no_gain = decide(GateConfig(min_gain_over_base=0.3), clean=clean, families={}, incumbent=None, retained=None,
+                     base=np.array([1, 1, 1, 0, 0], bool))
+    assert no_gain.base_accuracy == 0.6 and any("does not beat the base model's 0.600" in f
+                                                  for f in no_gain.failures)
     assert negative_flip_rate(np.array([1, 1, 0], bool), np.array([0, 1, 1], bool)) == pytest.approx(1 / 3)
 
 
@@ -232,7 +237,8 @@ def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(
     assert card["strength"] in (0.5, 1.0)
     # a second version is gated against the first (negative flips) and a failing candidate is kept aside
     strict = _cfg(tiny_dir, seed=1, gate=GateConfig(families=("typos",), min_clean_accuracy=1.0,
-                                                    min_retained_agreement=0.0, max_family_drop=1.0))
+                                                    min_retained_agreement=0.0, max_family_drop=1.0,
+                                                    min_gain_over_base=-1.0))
     res2 = run_local(strict, data, "intent", store_dir=store_dir, work_dir=work, progress=False)
     if res2.status == "rejected":
         assert Path(res2.path).is_dir() and (Path(res2.path) / "model_card.json").is_file()

@@ -1,0 +1,112 @@
+"""Cheap early validation: a Ray Tune ASHA screen over rank, learning rate and layer choice on a small slice
+of the data, before the real run.
+
+Every trial trains on ``subset`` training examples and reports validation accuracy after each epoch; ASHA
+(asynchronous successive halving) stops the worse half of the trials at each rung, so poor configurations
+cost one or two epochs instead of a whole run. The result records every trial (configuration, accuracy per
+epoch, where it stopped) and why the winner won.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tsugiki.tuning.config import TuneConfig
+from tsugiki.tuning.data import TuningData
+
+log = logging.getLogger("tsugiki.tuning")
+
+DEFAULT_SPACE: dict[str, list[Any]] = {"rank": [4, 16], "learning_rate": [3e-4, 2e-3], "num_layers": [2, 6]}
+
+
+@dataclass
+class ScreenResult:
+    best: dict[str, Any]
+    why: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def apply(self, cfg: TuneConfig) -> TuneConfig:
+        return cfg.model_copy(update=self.best)
+
+
+def _trial(config: dict[str, Any], base: TuneConfig, data: TuningData) -> None:
+    """One Ray Tune trial: train the updated configuration epoch by epoch, report validation accuracy."""
+    from ray import tune
+
+    from tsugiki.serve.base_model import load_base_model, set_torch_threads
+    from tsugiki.tuning.job import build_model, choose_layers
+    from tsugiki.tuning.trainer import Trainer, evaluate
+
+    cfg = base.model_copy(update=config)
+    set_torch_threads(max(1, int(cfg.num_cpus)))
+    loaded = load_base_model(cfg.model, progress=False)
+    layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
+    model = build_model(cfg, loaded.model, layers)
+    trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores, progress=False)
+
+    def report(epoch: int) -> None:
+        acc = float(np.mean(evaluate(model, loaded.tokenizer, data.val, batch_size=cfg.eval_batch_size)))
+        model.train() if cfg.dropout else model.eval()
+        tune.report({"val_accuracy": acc, "epoch": epoch + 1})
+
+    trainer.train(on_epoch=report)
+
+
+def screen(cfg: TuneConfig, data: TuningData, *, space: dict[str, list[Any]] | None = None, subset: int = 200,
+           val_subset: int = 100, epochs: int = 3, storage: str | Path | None = None) -> ScreenResult:
+    """Grid over ``space`` (each key a TuneConfig field) with ASHA early stopping; returns the winner."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = space or DEFAULT_SPACE
+    unknown = set(space) - set(TuneConfig.model_fields)
+    if unknown:
+        raise ValueError(f"screen space keys {sorted(unknown)} are not TuneConfig fields")
+    small = TuningData(train=data.train[:subset], val=data.val[:val_subset], data_hash=data.data_hash,
+                       labels=data.labels, source=data.source)
+    base = cfg.model_copy(update={"epochs": epochs, "robust": None, "checkpoint_every": 10**9})
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, configure_logging=False)
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, data=small),
+                                    {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus})
+    storage = Path(storage or tempfile.mkdtemp(prefix="tsugiki-screen-"))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={k: tune.grid_search(v) for k, v in space.items()},
+        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(metric="val_accuracy", mode="max", max_t=epochs,
+                                                            grace_period=1, reduction_factor=2),
+                                    max_concurrent_trials=max(1, int((os.cpu_count() or 1) // cfg.num_cpus))),
+        run_config=tune.RunConfig(storage_path=str(storage.resolve()), name="screen", verbose=0),
+    )
+    grid = tuner.fit()
+    trials: list[dict[str, Any]] = []
+    for i in range(len(grid)):
+        r = grid[i]
+        hist = r.metrics_dataframe
+        accs = [float(a) for a in hist["val_accuracy"]] if hist is not None and len(hist) else []
+        trials.append({"config": {k: (r.config or {}).get(k) for k in space}, "val_accuracy": accs,
+                       "epochs_run": len(accs), "stopped_early": len(accs) < epochs,
+                       "error": str(r.error) if r.error else None})
+    done = [t for t in trials if t["val_accuracy"]]
+    if not done:
+        raise RuntimeError(f"every screen trial failed: {[t['error'] for t in trials]}")
+    best = max(done, key=lambda t: (t["val_accuracy"][-1], t["epochs_run"]))
+    stopped = [t for t in trials if t["stopped_early"]]
+    why = (f"{best['config']} reached validation accuracy {best['val_accuracy'][-1]:.3f} after "
+           f"{best['epochs_run']} epochs on {len(small.train)} examples, the best of {len(trials)} trials; "
+           f"ASHA stopped {len(stopped)} early (" + ", ".join(
+               f"{t['config']} at epoch {t['epochs_run']} with {t['val_accuracy'][-1]:.3f}" for t in stopped
+               if t["val_accuracy"]) + ")")
+    log.info("screen: %s", why)
+    return ScreenResult(best=best["config"], why=why, trials=trials)
