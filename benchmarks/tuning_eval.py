@@ -1,0 +1,178 @@
+"""Tuning benchmark on a CLINC150 intent task sized for 2 CPU cores: robust partial LoRA against plain all-layer
+LoRA, full fine-tuning and the zero-shot base model.
+
+    python benchmarks/tuning_eval.py                       # all four methods, each in its own process
+    python benchmarks/tuning_eval.py --per-intent 10       # a smaller task
+
+Task (stated in the output): 5 CLINC150 domains (banking, credit_cards, kitchen_and_dining, travel, utility;
+75 intents), ``--per-intent`` training queries per intent from the official train split, test on
+``--test-per-intent`` queries per intent of the official test split. All methods train with the same epochs,
+batch size and data through the same code (tsugiki.tuning.trainer); each runs in a fresh process so its peak
+memory (max RSS) is its own. Reported per method: clean test accuracy, accuracy under each corruption family at
+``--severity`` (typos at 0.3 = 30% of words corrupted: "heavy typos"), training wall time, peak RSS, trainable
+parameters, torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
+DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "travel", "utility"]
+FAMILIES = ["typos", "keyboard", "ocr", "delete", "mojibake", "code_switch"]
+METHODS = ["zero_shot", "plain_lora", "robust_partial", "full_ft"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def task(args: argparse.Namespace) -> tuple[list, list, list]:
+    from tsugiki.tuning.data import Example, label_prompt, split
+
+    data = json.loads((args.data / "data_full.json").read_text())
+    domains = json.loads((args.data / "domains.json").read_text())
+    intents = {i for d in DOMAINS for i in domains[d]}
+    rng = np.random.default_rng(0)
+
+    def pick(rows: list, per: int) -> list:
+        by: dict[str, list[str]] = {}
+        for t, i in rows:
+            if i in intents:
+                by.setdefault(i, []).append(t)
+        out = []
+        for i in sorted(by):
+            texts = by[i]
+            for j in rng.permutation(len(texts))[:per]:
+                out.append(Example(label_prompt(texts[j]), " " + i, text=texts[j], label=i))
+        return out
+
+    pool = pick(data["train"], args.per_intent)
+    train, val = split(pool, 0.1)
+    test = pick(data["test"], args.test_per_intent)
+    return train, val, test
+
+
+def configs(args: argparse.Namespace) -> dict:
+    from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
+
+    common = dict(epochs=args.epochs, batch_size=args.batch_size, num_cpus=args.threads, seed=0,
+                  max_eval_examples=10**6, gate=GateConfig(severity=args.severity))
+    return {
+        "plain_lora": TuneConfig(layers="all", robust=None, learning_rate=args.lora_lr, **common),
+        "robust_partial": TuneConfig(layers="upper", num_layers=args.num_layers, learning_rate=args.lora_lr,
+                                     robust=RobustConfig(severity=args.severity), **common),
+        "full_ft": TuneConfig(method="full", robust=None, learning_rate=args.full_lr, **common),
+    }
+
+
+def run_one(args: argparse.Namespace, method: str) -> dict:
+    import torch
+
+    from tsugiki.config import ModelConfig
+    from tsugiki.serve.base_model import load_base_model, set_torch_threads
+    from tsugiki.tuning.data import TuningData
+    from tsugiki.tuning.job import fit, pick_strength
+    from tsugiki.tuning.trainer import evaluate, peak_rss_mb
+
+    threads = set_torch_threads(args.threads)
+    train, val, test = task(args)
+    loaded = load_base_model(ModelConfig(), progress=False)
+    tok = loaded.tokenizer
+    rss0 = peak_rss_mb()
+    out: dict = {"method": method, "torch_threads": threads, "train": len(train), "val": len(val),
+                 "test": len(test), "rss_before_mb": rss0}
+    model = loaded.model
+    if method != "zero_shot":
+        cfg = configs(args)[method]
+        data = TuningData(train=train, val=val, data_hash="bench", labels=[])
+        model, res = fit(cfg, loaded, data, progress=True)
+        out.update(train_seconds=res.seconds, steps=res.steps, trainable_params=res.trainable_params,
+                   layers=res.layers, final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
+        if cfg.robust is not None:
+            t0 = time.time()
+            strength, table = pick_strength(cfg, model, tok, val)
+            out.update(strength=strength, strength_table=table, strength_seconds=time.time() - t0)
+    model.eval()
+    t0 = time.time()
+    with torch.no_grad():
+        acc = {"clean": float(np.mean(evaluate(model, tok, test, batch_size=32)))}
+        for fam in FAMILIES:
+            acc[fam] = float(np.mean(evaluate(model, tok, test, family=fam, severity=args.severity, seed=7,
+                                              batch_size=32)))
+            log(f"{method}: {fam} {acc[fam]:.3f}")
+    out.update(accuracy=acc, eval_seconds=time.time() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--per-intent", type=int, default=20)
+    ap.add_argument("--test-per-intent", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--full-lr", type=float, default=1e-4)
+    ap.add_argument("--severity", type=float, default=0.3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tuning_eval.json"))
+    args = ap.parse_args()
+    if args.only:
+        print("RESULT_JSON " + json.dumps(run_one(args, args.only)), flush=True)
+        return
+    results = {}
+    for m in args.methods.split(","):
+        log(f"--- {m} (own process)")
+        passed = {k: v for k, v in vars(args).items() if k not in ("only", "methods")}
+        cmd = [sys.executable, __file__, "--only", m] + [x for k, v in passed.items()
+                                                         for x in (f"--{k.replace('_', '-')}", str(v))]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON ")]
+        if proc.returncode or not line:
+            raise SystemExit(f"{m} failed with exit status {proc.returncode}")
+        results[m] = json.loads(line[-1][len("RESULT_JSON "):])
+    r0 = next(iter(results.values()))
+    print(f"\nCLINC150 task: domains {', '.join(DOMAINS)} (75 intents); {r0['train']} train / {r0['val']} val "
+          f"queries ({args.per_intent} per intent from the official train split, content-hash split), "
+          f"test {r0['test']} queries ({args.test_per_intent} per intent, official test split); "
+          f"{args.epochs} epochs, batch {args.batch_size}; corruption severity {args.severity}; "
+          f"torch threads {r0['torch_threads']}")
+    cols = ["clean"] + FAMILIES
+    print(f"{'method':16s} " + " ".join(f"{c:>11s}" for c in cols) + f" {'train s':>8s} {'peak MB':>8s} "
+          f"{'trainable':>11s}")
+    for m, r in results.items():
+        a = r["accuracy"]
+        print(f"{m:16s} " + " ".join(f"{a[c]:11.3f}" for c in cols)
+              + f" {r.get('train_seconds', 0):8.0f} {r.get('peak_rss_mb', r['rss_before_mb']):8.0f} "
+              f"{r.get('trainable_params', 0):11d}")
+    if {"plain_lora", "robust_partial"} <= results.keys():
+        p, q = results["plain_lora"]["accuracy"], results["robust_partial"]["accuracy"]
+        dp, dq = p["clean"] - p["typos"], q["clean"] - q["typos"]
+        ratio = dq / dp if dp else float("nan")
+        print(f"heavy-typo drop: plain LoRA {dp:.3f}, robust partial {dq:.3f} (ratio {ratio:.2f}, bar <= 0.5); "
+              f"clean difference robust - plain {q['clean'] - p['clean']:+.3f} (bar >= -0.01)")
+    if {"full_ft", "robust_partial"} <= results.keys():
+        f, q = results["full_ft"], results["robust_partial"]
+        q_s = q["train_seconds"] + q.get("strength_seconds", 0.0)  # the strength choice is part of its tuning
+        print(f"wall time robust partial (training {q['train_seconds']:.0f} s + strength choice "
+              f"{q.get('strength_seconds', 0):.0f} s) / full FT ({f['train_seconds']:.0f} s): "
+              f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); "
+              f"clean difference robust - full {q['accuracy']['clean'] - f['accuracy']['clean']:+.3f} (bar >= -0.01)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
