@@ -265,6 +265,19 @@ class Trainer:
                 loss = loss + rc.consistency_weight * kl
         return loss
 
+    @torch.no_grad()
+    def mean_loss(self, variant: int = 0) -> float:
+        """Mean completion cross-entropy over all examples, clean (0) or their first noisy copy (1); examples
+        without a noisy copy count clean. Cheap: the frozen prefix is cached, no generation."""
+        total, count = 0.0, 0
+        bs = self.cfg.eval_batch_size
+        for i in range(0, len(self.clean), bs):
+            keys = [(j, variant if variant and self.noisy[j] else 0) for j in range(i, min(i + bs, len(self.clean)))]
+            logits, target = self._logits(keys)
+            total += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += len(target)
+        return total / max(count, 1)
+
     # ---- checkpoints
     def _save(self, step: int, losses: list[float]) -> None:
         if self.ckpt is None:
