@@ -98,7 +98,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
                    layers=res.layers, final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
         if cfg.robust is not None:
             t0 = time.time()
-            strength, table = pick_strength(cfg, model, tok, val)
+            strength, table = pick_strength(cfg, model, tok, val, res.layers)
             out.update(strength=strength, strength_table=table, strength_seconds=time.time() - t0)
     model.eval()
     t0 = time.time()
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--num-layers", type=int, default=4)
-    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--lora-lr", type=float, default=3e-3)
     ap.add_argument("--full-lr", type=float, default=1e-4)
     ap.add_argument("--severity", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=2)

@@ -65,7 +65,7 @@ class TuneConfig(_Frozen):
     rank: int = Field(default=8, gt=0, le=256)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     epochs: int = Field(default=3, gt=0)
     batch_size: int = Field(default=16, gt=0)

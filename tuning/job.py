@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:
     return data.val[: cfg.max_eval_examples]
 
 
-def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example]
+def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], layers: list[int]
                   ) -> tuple[float, dict[float, dict[str, float]]]:
     """The strength with the lowest mean of clean and noisy validation loss (ties: the larger).
 
@@ -166,9 +166,7 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
     if len(set(strengths)) == 1:
         set_strength(model, strengths[0])
         return strengths[0], {}
-    layers = sorted({int(m.group(1)) for n, _ in model.named_parameters() if "lora_" in n
-                     for m in [re.search(r"\.layers\.(\d+)\.", n)] if m})
-    scorer = Trainer(cfg, model, tokenizer, val, layers=layers or [0], progress=False)
+    scorer = Trainer(cfg, model, tokenizer, val, layers=layers, progress=False)
     table: dict[float, dict[str, float]] = {}
     for s in sorted(set(strengths)):
         set_strength(model, s)
@@ -210,6 +208,13 @@ def run_id(name: str, cfg: TuneConfig, data_hash: str) -> str:
     return hashlib.sha256(f"{name}\0{cfg.fingerprint()}\0{data_hash}".encode()).hexdigest()[:12]
 
 
+def chat_template(tokenizer: Any) -> Callable[[list[dict[str, str]]], str] | None:
+    """Renders a chat record's prompt with the tokenizer's template (None: the tokenizer has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return lambda msgs: str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+
 def default_retain_texts() -> list[str]:
     return list(json.loads(RETAIN_TEXTS.read_text())["texts"])
 
@@ -227,18 +232,14 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
     loaded = load_base_model(cfg.model, progress=progress)
     tok = loaded.tokenizer
 
-    def chat(msgs: list[dict[str, str]]) -> str:
-        return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-
-    data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path,
-                      chat_template=chat if getattr(tok, "chat_template", None) else None)
+    data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path, chat_template=chat_template(tok))
     rid = run_id(name, cfg, data.data_hash)
     run_dir = Path(work_dir or default_home() / "tuning") / name / rid
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("tuning %s run %s: %s; torch threads %d", name, rid, data.summary(), threads)
     model, result = fit(cfg, loaded, data, checkpoint_dir=run_dir / "checkpoint", progress=progress)
     val = _val(cfg, data)
-    strength, strengths = pick_strength(cfg, model, tok, val)
+    strength, strengths = pick_strength(cfg, model, tok, val, result.layers)
     store = AdapterStore(store_dir or default_home() / "adapters")
     inc_ref = store.resolve(name)
     report = run_gate(cfg, model, tok, val, strength=strength,
@@ -326,10 +327,7 @@ def tune(cfg: TuneConfig, data_path: str | Path, name: str, *, screen: bool = Fa
         from tsugiki.tuning.screen import screen as run_screen
 
         tok = AutoTokenizer.from_pretrained(resolve_base_model(cfg.model))
-        data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path,
-                          chat_template=(lambda m: str(tok.apply_chat_template(m, tokenize=False,
-                                                                               add_generation_prompt=True)))
-                          if getattr(tok, "chat_template", None) else None)
+        data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path, chat_template=chat_template(tok))
         found = run_screen(cfg, data)
         cfg = found.apply(cfg)
         kwargs["screen_record"] = found.to_dict()

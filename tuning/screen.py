@@ -1,7 +1,8 @@
 """Cheap early validation: a Ray Tune ASHA screen over rank, learning rate and layer choice on a small slice
 of the data, before the real run.
 
-Every trial trains on ``subset`` training examples and reports validation accuracy after each epoch; ASHA
+Every trial trains on ``subset`` training examples and reports validation loss (teacher-forced cross-entropy of
+the completions: continuous, so trials never tie, and cheap) after each epoch; ASHA
 (asynchronous successive halving) stops the worse half of the trials at each rung, so poor configurations
 cost one or two epochs instead of a whole run. The result records every trial (configuration, accuracy per
 epoch, where it stopped) and why the winner won.
@@ -15,8 +16,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.data import TuningData
@@ -45,7 +44,7 @@ def _trial(config: dict[str, Any], base: TuneConfig, data: TuningData) -> None:
 
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
     from tsugiki.tuning.job import build_model, choose_layers
-    from tsugiki.tuning.trainer import Trainer, evaluate
+    from tsugiki.tuning.trainer import Trainer
 
     cfg = base.model_copy(update=config)
     set_torch_threads(max(1, int(cfg.num_cpus)))
@@ -53,17 +52,17 @@ def _trial(config: dict[str, Any], base: TuneConfig, data: TuningData) -> None:
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
     model = build_model(cfg, loaded.model, layers)
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores, progress=False)
+    scorer = Trainer(cfg, model, loaded.tokenizer, data.val, layers=layers, progress=False)
 
     def report(epoch: int) -> None:
-        acc = float(np.mean(evaluate(model, loaded.tokenizer, data.val, batch_size=cfg.eval_batch_size)))
-        model.train() if cfg.dropout else model.eval()
-        tune.report({"val_accuracy": acc, "epoch": epoch + 1})
+        tune.report({"val_loss": scorer.mean_loss(0), "epoch": epoch + 1})
 
     trainer.train(on_epoch=report)
 
 
 def screen(cfg: TuneConfig, data: TuningData, *, space: dict[str, list[Any]] | None = None, subset: int = 200,
-           val_subset: int = 100, epochs: int = 3, storage: str | Path | None = None) -> ScreenResult:
+           val_subset: int = 100, epochs: int = 3, storage: str | Path | None = None,
+           max_concurrent: int | None = None) -> ScreenResult:
     """Grid over ``space`` (each key a TuneConfig field) with ASHA early stopping; returns the winner."""
     import ray
     from ray import tune
@@ -84,9 +83,10 @@ def screen(cfg: TuneConfig, data: TuningData, *, space: dict[str, list[Any]] | N
     tuner = tune.Tuner(
         trainable,
         param_space={k: tune.grid_search(v) for k, v in space.items()},
-        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(metric="val_accuracy", mode="max", max_t=epochs,
+        tune_config=tune.TuneConfig(scheduler=ASHAScheduler(metric="val_loss", mode="min", max_t=epochs,
                                                             grace_period=1, reduction_factor=2),
-                                    max_concurrent_trials=max(1, int((os.cpu_count() or 1) // cfg.num_cpus))),
+                                    max_concurrent_trials=max_concurrent or max(
+                                        1, int((os.cpu_count() or 1) // cfg.num_cpus))),
         run_config=tune.RunConfig(storage_path=str(storage.resolve()), name="screen", verbose=0),
     )
     grid = tuner.fit()
@@ -94,19 +94,18 @@ def screen(cfg: TuneConfig, data: TuningData, *, space: dict[str, list[Any]] | N
     for i in range(len(grid)):
         r = grid[i]
         hist = r.metrics_dataframe
-        accs = [float(a) for a in hist["val_accuracy"]] if hist is not None and len(hist) else []
-        trials.append({"config": {k: (r.config or {}).get(k) for k in space}, "val_accuracy": accs,
-                       "epochs_run": len(accs), "stopped_early": len(accs) < epochs,
+        losses = [float(a) for a in hist["val_loss"]] if hist is not None and len(hist) else []
+        trials.append({"config": {k: (r.config or {}).get(k) for k in space}, "val_loss": losses,
+                       "epochs_run": len(losses), "stopped_early": len(losses) < epochs,
                        "error": str(r.error) if r.error else None})
-    done = [t for t in trials if t["val_accuracy"]]
+    done = [t for t in trials if t["val_loss"]]
     if not done:
         raise RuntimeError(f"every screen trial failed: {[t['error'] for t in trials]}")
-    best = max(done, key=lambda t: (t["val_accuracy"][-1], t["epochs_run"]))
+    best = min(done, key=lambda t: (-t["epochs_run"], t["val_loss"][-1]))
     stopped = [t for t in trials if t["stopped_early"]]
-    why = (f"{best['config']} reached validation accuracy {best['val_accuracy'][-1]:.3f} after "
-           f"{best['epochs_run']} epochs on {len(small.train)} examples, the best of {len(trials)} trials; "
-           f"ASHA stopped {len(stopped)} early (" + ", ".join(
-               f"{t['config']} at epoch {t['epochs_run']} with {t['val_accuracy'][-1]:.3f}" for t in stopped
-               if t["val_accuracy"]) + ")")
+    why = (f"{best['config']} reached validation loss {best['val_loss'][-1]:.4f} after {best['epochs_run']} epochs "
+           f"on {len(small.train)} examples, the lowest of {len(trials)} trials; ASHA stopped {len(stopped)} "
+           f"early (" + ", ".join(f"{t['config']} at epoch {t['epochs_run']} with {t['val_loss'][-1]:.4f}"
+                                  for t in stopped if t["val_loss"]) + ")")
     log.info("screen: %s", why)
     return ScreenResult(best=best["config"], why=why, trials=trials)

@@ -132,27 +132,27 @@ def pad_right(seqs: Sequence[torch.Tensor]) -> torch.Tensor:
 class Progress:
     """Steps, loss and ETA: a bar on a terminal, a JSON line every ~5% otherwise (Ray job logs)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+    def __init__(self, total: int, desc: str, enabled: bool = True, start: int = 0) -> None:
         self.total, self.desc, self.enabled = total, desc, enabled
         self.t0 = time.time()
-        self.done = 0
+        self.start = self.done = start  # a resumed run starts part-way; the ETA counts this run's pace only
         self.bar = None
         self.every = max(1, total // 20)
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, **info: float) -> None:
         if not self.enabled:
             return
-        delta, self.done = step - self.done, step
+        last, self.done = self.done, step
         elapsed = time.time() - self.t0
         if self.bar is not None:
-            self.bar.update(delta)
+            self.bar.update(step - last)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()})
-        elif step % self.every == 0 or step == self.total:
-            eta = elapsed / max(step, 1) * (self.total - step)
+        elif step // self.every > last // self.every or step == self.total:
+            eta = elapsed / max(step - self.start, 1) * (self.total - step)
             print(json.dumps({"event": self.desc, "step": step, "total": self.total, "elapsed_s": round(elapsed, 1),
                               "eta_s": round(eta, 1), **{k: round(v, 5) for k, v in info.items()}}),
                   file=sys.stderr, flush=True)
@@ -208,17 +208,21 @@ class Trainer:
 
     # ---- frozen prefix
     @torch.no_grad()
-    def _prefix(self, keys: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def _prefix(self, keys: list[tuple[int, int]], progress: bool = False) -> list[torch.Tensor]:
         """Hidden states entering layer ``start`` for (example, variant) keys; variant 0 is clean."""
-        missing = [k for k in keys if k not in self._cache]
+        # similar lengths together: right padding is wasted work in the 20-odd layers below
+        missing = sorted((k for k in set(keys) if k not in self._cache), key=lambda k: len(self._enc(k).ids))
+        prog = Progress(len(missing), "frozen-prefix", progress and self.progress)
         for i in range(0, len(missing), self.cfg.eval_batch_size):
             chunk = missing[i: i + self.cfg.eval_batch_size]
+            prog.update(i + len(chunk))
             encs = [self._enc(k) for k in chunk]
             ids = pad_right([torch.tensor(e.ids, device=self.device) for e in encs])
             lengths = [len(e.ids) for e in encs]
             h = run_layers(self.parts, self.parts.embed(ids), lengths, 0, self.start)
             for k, e, row in zip(chunk, encs, h):
                 self._cache[k] = row[: len(e.ids)].clone()
+        prog.close()
         return [self._cache[k] for k in keys]
 
     def _enc(self, key: tuple[int, int]) -> Encoded:
@@ -332,16 +336,16 @@ class Trainer:
     def train(self, *, stop_after: int | None = None,
               on_epoch: Callable[[int], None] | None = None) -> TrainResult:
         """Run (or resume) all epochs; ``stop_after`` ends early after that many steps (tests of resume)."""
-        self.model.train()
-        if self.cfg.dropout == 0:
-            self.model.eval()  # no dropout anywhere: eval mode is the same maths and skips dropout bookkeeping
+        self.model.train(self.cfg.dropout > 0)  # without dropout, eval mode is the same maths
         per_epoch = len(self.order(0))
         total = per_epoch * self.cfg.epochs
         step, losses = self._restore()
+        if self.start > 0:  # every input the run will see, through the frozen layers once, length-sorted
+            self._prefix([(i, v) for i in range(len(self.clean)) for v in range(1 + len(self.noisy[i]))],
+                         progress=True)
         resumed = step
         t0 = time.time()
-        prog = Progress(total, "tune", self.progress)
-        prog.done = step
+        prog = Progress(total, "tune", self.progress, start=step)
         torch.manual_seed(self.cfg.seed)
         for epoch in range(step // per_epoch, self.cfg.epochs):
             for b, batch in enumerate(self.order(epoch)):

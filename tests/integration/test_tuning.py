@@ -87,3 +87,26 @@ def test_tune_on_ray_resume_gate_and_serve(gateway: Gateway, tmp_path: Path) -> 
 
 def gateway_base(client) -> str:
     return next(m.id for m in client.models.list().data if getattr(m, "parent", None) is None)
+
+
+def test_asha_screen_stops_poor_configurations(tiny_dir: Path, tmp_path: Path) -> None:
+    """Ray Tune ASHA over learning rate and layer count on the tiny model: the configurations that cannot learn
+    (learning rate 1e-7) are stopped at the first rung, and the winner and the reasons are recorded."""
+    from tsugiki.config import ModelConfig
+    from tsugiki.tuning.config import TuneConfig
+    from tsugiki.tuning.data import Example, TuningData
+    from tsugiki.tuning.screen import screen
+
+    words = ["book a flight", "set an alarm", "what is my balance", "capital of france", "hello world"]
+    ex = [Example(label_prompt(w + s), " " + w.split()[-1], w + s, w.split()[-1])
+          for w in words for s in ("", " today", " now", " please", " thanks", " again")]
+    data = TuningData(train=ex[::2] + ex[1::4], val=ex[3::4], data_hash="t", labels=[])
+    cfg = TuneConfig(model=ModelConfig(base_model=str(tiny_dir)), num_cpus=1, batch_size=4, eval_batch_size=8)
+    space = {"learning_rate": [1e-2, 1e-7], "num_layers": [1, 2]}  # grid order: the good ones run first
+    res = screen(cfg, data, space=space, epochs=4, storage=tmp_path, max_concurrent=1)
+    assert len(res.trials) == 4 and not any(t["error"] for t in res.trials)
+    assert res.best["learning_rate"] == 1e-2
+    stopped = [t for t in res.trials if t["stopped_early"]]
+    assert stopped and all(t["config"]["learning_rate"] == 1e-7 for t in stopped)
+    assert "ASHA stopped" in res.why and str(res.best) in res.why
+    assert res.apply(cfg).learning_rate == 1e-2
