@@ -43,10 +43,11 @@ class GateConfig(_Frozen):
     max_negative_flip_rate: float = Field(default=0.05, ge=0, le=1,
                                           description="Share of validation examples the incumbent got right and "
                                                       "the candidate gets wrong.")
-    min_retained_agreement: float = Field(default=0.25, ge=0, le=1,
+    min_retained_agreement: float = Field(default=0.15, ge=0, le=1,
                                           description="Share of next-token predictions on out-of-task text that "
-                                                      "agree with the base model (catches side effects). A task "
-                                                      "adapter on the top 4 of 30 layers keeps ~0.4 on CLINC150's "
+                                                      "agree with the base model (catches side effects). A "
+                                                      "15-intent adapter on the top 4 of 30 layers keeps 0.23 "
+                                                      "(3 epochs at 3e-3) to 0.38 (at 1e-3) on CLINC150's "
                                                       "out-of-scope queries; a broken one falls towards 0.")
     severity: float = Field(default=0.3, gt=0, le=1, description="Corruption severity of the per-family check.")
     families: tuple[str, ...] = ("typos", "keyboard", "ocr", "mojibake", "code_switch")
