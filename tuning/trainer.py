@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,22 +378,29 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def _batches(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int, side: str
+             ) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenized batches padded on ``side`` (the tokenizer's own setting is restored afterwards)."""
+    device = next(model.parameters()).device
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i: i + batch_size]), return_tensors="pt", padding=True)
+            yield {k: v.to(device) for k, v in enc.items()}
+    finally:
+        tokenizer.padding_side = old
+
+
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32
              ) -> list[str]:
     """Greedy completions (left-padded batches)."""
     outs: list[str] = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i: i + batch_size]), return_tensors="pt", padding=True)
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    for enc in _batches(model, tokenizer, prompts, batch_size, "left"):
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return outs
 
 
@@ -420,15 +427,8 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, family:
 def next_token_argmax(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
     """Teacher-forced argmax next token at every position of each text (for retained-behaviour checks)."""
     out = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[i: i + batch_size]), return_tensors="pt", padding=True)
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            am = model(**enc).logits.argmax(-1).cpu().numpy()
-            for row, n in zip(am, enc["attention_mask"].sum(1).tolist()):
-                out.append(row[:n])
-    finally:
-        tokenizer.padding_side = side
+    for enc in _batches(model, tokenizer, texts, batch_size, "right"):
+        am = model(**enc).logits.argmax(-1).cpu().numpy()
+        for row, n in zip(am, enc["attention_mask"].sum(1).tolist()):
+            out.append(row[:n])
     return out
