@@ -135,13 +135,21 @@ def _tune_config(args: argparse.Namespace) -> Any:
                 raw = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot read {args.config}: {e}") from e
-        raw = dict(raw.get("tune", raw))
+        raw = raw.get("tune", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of TuneConfig fields (optionally under 'tune:')")
+        raw = dict(raw)
     flags = {"method": args.method, "num_layers": args.num_layers, "rank": args.rank, "alpha": args.alpha,
              "learning_rate": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
              "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "seed": args.seed}
     raw.update({k: v for k, v in flags.items() if v is not None})
     if args.layers:
-        raw["layers"] = tuple(int(x) for x in args.layers.split(",")) if args.layers[0].isdigit() else args.layers
+        try:
+            raw["layers"] = (tuple(int(x) for x in args.layers.split(",")) if args.layers[0].isdigit()
+                             else args.layers)
+        except ValueError:
+            raise ConfigError(f"--layers {args.layers!r}: use upper, probe, all or comma-separated layer "
+                              f"indices such as 26,27,28,29") from None
     if args.base_model:
         raw["model"] = {**raw.get("model", {}), "base_model": args.base_model}
     if args.no_robust:
@@ -164,8 +172,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
             result = job.run_local(cfg, args.data, args.name, **kw)
         else:
             result = job.tune(cfg, args.data, args.name, screen=args.screen, **kw)
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, OSError) as e:
         print(f"tsugiki: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a failure inside the Ray task: show its cause, not the remote traceback
+        from ray.exceptions import RayTaskError
+
+        if not isinstance(e, RayTaskError):
+            raise
+        cause = getattr(e, "cause", None) or e
+        print(f"tsugiki: error: the tuning task failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 2
     g = result.gate
     print(json.dumps(result.to_dict(), indent=1, default=str) if args.json else

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tsugiki.config import ModelConfig
 
@@ -16,6 +16,15 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_families(v: tuple[str, ...]) -> tuple[str, ...]:
+    from tsugiki.monitoring.corruption import FAMILIES
+
+    bad = [f for f in v if f not in FAMILIES]
+    if bad:
+        raise ValueError(f"unknown corruption families {bad}; choose from {sorted(FAMILIES)}")
+    return v
 
 
 class RobustConfig(_Frozen):
@@ -30,6 +39,15 @@ class RobustConfig(_Frozen):
                                          description="Adapter scales tried (weight-space interpolation with the "
                                                      "base model, WiSE-FT); the best on clean+noisy validation "
                                                      "is kept.")
+
+    _families = field_validator("families")(_check_families)
+
+    @field_validator("strengths")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"strengths must be above 0, got {list(v)}")
+        return v
 
 
 class GateConfig(_Frozen):
@@ -51,6 +69,8 @@ class GateConfig(_Frozen):
                                                       "out-of-scope queries; a broken one falls towards 0.")
     severity: float = Field(default=0.3, gt=0, le=1, description="Corruption severity of the per-family check.")
     families: tuple[str, ...] = ("typos", "keyboard", "ocr", "mojibake", "code_switch")
+
+    _families = field_validator("families")(_check_families)
 
 
 class TuneConfig(_Frozen):
@@ -84,4 +104,10 @@ class TuneConfig(_Frozen):
     num_gpus: float = Field(default=0, ge=0)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of what determines the trained weights (not the gate, the strength grid, resources or
+        evaluation sizes): a rejected run rerun with a looser gate resumes instead of retraining."""
+        d = self.model_dump(mode="json", exclude={"gate", "num_cpus", "num_gpus", "eval_batch_size",
+                                                  "max_eval_examples", "checkpoint_every"})
+        if d.get("robust"):
+            d["robust"].pop("strengths", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

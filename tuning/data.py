@@ -99,7 +99,11 @@ def parse_record(rec: Any, where: str, chat_template: Callable[[list[dict[str, s
             raise DataError(f"{where}: field 'messages' must end with the assistant's message (the completion)")
         if chat_template is None:
             raise DataError(f"{where}: chat records need a tokenizer with a chat template")
-        return Example(chat_template(msgs[:-1]), msgs[-1]["content"])
+        try:
+            prompt = chat_template(msgs[:-1])
+        except Exception as e:  # the tokenizer's template rejects the conversation (e.g. roles must alternate)
+            raise DataError(f"{where}: field 'messages': the chat template refused it: {e}") from None
+        return Example(prompt, msgs[-1]["content"])
     raise DataError(f"{where}: a record needs 'prompt'+'completion', 'text'+'label' or 'messages'; "
                     f"got fields {sorted(rec)}")
 

@@ -86,7 +86,8 @@ def probe_layers(cfg: TuneConfig, model: Any, tokenizer: Any, train: list[Exampl
     parts = Parts.of(model)
     batch = train[:16]
     encs = [encode(tokenizer, e.prompt, e.completion, cfg.max_length) for e in batch]
-    ids = pad_right([torch.tensor(e.ids) for e in encs])
+    dev = next(model.parameters()).device
+    ids = pad_right([torch.tensor(e.ids, device=dev) for e in encs])
     weights: dict[int, list[torch.nn.Parameter]] = {}
     for i, layer in enumerate(parts.layers):
         for name, mod in layer.named_modules():
@@ -101,7 +102,7 @@ def probe_layers(cfg: TuneConfig, model: Any, tokenizer: Any, train: list[Exampl
         h = parts.norm(run_layers(parts, parts.embed(ids), [len(e.ids) for e in encs], 0))
         rows = [(b, j) for b, e in enumerate(encs) for j in range(e.n_prompt, len(e.ids))]
         sel = h[[r for r, _ in rows], [j - 1 for _, j in rows]]
-        target = torch.tensor([encs[b].ids[j] for b, j in rows])
+        target = torch.tensor([encs[b].ids[j] for b, j in rows], device=dev)
         torch.nn.functional.cross_entropy(parts.head(sel).float(), target).backward()
         scores = {i: float(sum((w.grad.norm() / w.detach().norm().clamp_min(1e-12)) for w in ws
                                if w.grad is not None)) for i, ws in weights.items()}
@@ -289,11 +290,11 @@ def _remote(cfg_json: dict[str, Any], data_text: str, val_text: str | None, name
     inbox.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(data_text.encode()).hexdigest()[:12]
     data_file = inbox / f"train-{digest}.jsonl"
-    data_file.write_text(data_text)
+    data_file.write_text(data_text, encoding="utf-8")
     val_file = None
     if val_text is not None:
         val_file = inbox / f"val-{hashlib.sha256(val_text.encode()).hexdigest()[:12]}.jsonl"
-        val_file.write_text(val_text)
+        val_file.write_text(val_text, encoding="utf-8")
     return run_local(cfg, data_file, name, val_path=val_file, work_dir=work, **kwargs).to_dict()
 
 
@@ -317,17 +318,18 @@ def tune(cfg: TuneConfig, data_path: str | Path, name: str, *, screen: bool = Fa
     rate and layer count first; its trials and reasons go into the model card.
     """
     import ray
+    from transformers import AutoTokenizer
 
+    from tsugiki.serve.base_model import resolve_base_model
+
+    # validate here, before any Ray work: bad data fails fast with its file:line message
+    tok = AutoTokenizer.from_pretrained(resolve_base_model(cfg.model))
+    data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path, chat_template=chat_template(tok))
     if not ray.is_initialized():
         ray.init(log_to_driver=True, configure_logging=False)
     if screen:
-        from transformers import AutoTokenizer
-
-        from tsugiki.serve.base_model import resolve_base_model
         from tsugiki.tuning.screen import screen as run_screen
 
-        tok = AutoTokenizer.from_pretrained(resolve_base_model(cfg.model))
-        data = load_jsonl(data_path, val_share=cfg.val_share, val_path=val_path, chat_template=chat_template(tok))
         found = run_screen(cfg, data)
         cfg = found.apply(cfg)
         kwargs["screen_record"] = found.to_dict()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ def screen(cfg: TuneConfig, data: TuningData, *, space: dict[str, list[Any]] | N
         ray.init(log_to_driver=False, configure_logging=False)
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, data=small),
                                     {"cpu": cfg.num_cpus, "gpu": cfg.num_gpus})
+    own = storage is None
     storage = Path(storage or tempfile.mkdtemp(prefix="tsugiki-screen-"))
     tuner = tune.Tuner(
         trainable,
@@ -89,15 +91,19 @@ def screen(cfg: TuneConfig, data: TuningData, *, space: dict[str, list[Any]] | N
                                         1, int((os.cpu_count() or 1) // cfg.num_cpus))),
         run_config=tune.RunConfig(storage_path=str(storage.resolve()), name="screen", verbose=0),
     )
-    grid = tuner.fit()
     trials: list[dict[str, Any]] = []
-    for i in range(len(grid)):
-        r = grid[i]
-        hist = r.metrics_dataframe
-        losses = [float(a) for a in hist["val_loss"]] if hist is not None and len(hist) else []
-        trials.append({"config": {k: (r.config or {}).get(k) for k in space}, "val_loss": losses,
-                       "epochs_run": len(losses), "stopped_early": len(losses) < epochs,
-                       "error": str(r.error) if r.error else None})
+    try:
+        grid = tuner.fit()
+        for i in range(len(grid)):
+            r = grid[i]
+            hist = r.metrics_dataframe
+            losses = [float(a) for a in hist["val_loss"]] if hist is not None and len(hist) else []
+            trials.append({"config": {k: (r.config or {}).get(k) for k in space}, "val_loss": losses,
+                           "epochs_run": len(losses), "stopped_early": len(losses) < epochs,
+                           "error": str(r.error) if r.error else None})
+    finally:
+        if own:
+            shutil.rmtree(storage, ignore_errors=True)
     done = [t for t in trials if t["val_loss"]]
     if not done:
         raise RuntimeError(f"every screen trial failed: {[t['error'] for t in trials]}")

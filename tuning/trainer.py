@@ -51,7 +51,9 @@ class Encoded:
 
 
 def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Encoded:
-    p = tokenizer(prompt)["input_ids"]
+    bos = getattr(tokenizer, "bos_token", None)
+    # a rendered chat template may already start with BOS: do not add a second one
+    p = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         c = c + [tokenizer.eos_token_id]
@@ -205,6 +207,28 @@ class Trainer:
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
                                      weight_decay=cfg.weight_decay)
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        if self.clean:
+            self._self_check()
+
+    @torch.no_grad()
+    def _self_check(self) -> None:
+        """The loop drives the decoder layers itself (that is what lets it skip frozen work); refuse a model
+        whose own forward does something else (embedding scales, sliding windows, logit caps...)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            e = self.clean[0]
+            ref = self.model(input_ids=torch.tensor([e.ids], device=self.device)).logits[0].float()
+            ref = ref[e.n_prompt - 1: len(e.ids) - 1]
+            mine, _ = self._logits([(0, 0)])
+        finally:
+            self.model.train(was)
+        tol = 1e-3 if mine.dtype == torch.float32 and next(self.model.parameters()).dtype == torch.float32 else 5e-2
+        if not torch.allclose(mine, ref, atol=tol, rtol=tol):
+            arch = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
+            raise ValueError(f"the tuning loop supports Llama-style decoders; for model type {arch!r} its layer-by-"
+                             f"layer forward differs from the model's own (max |diff| "
+                             f"{float((mine - ref).abs().max()):.3g}), so it would train the wrong function")
 
     # ---- frozen prefix
     @torch.no_grad()
@@ -309,7 +333,12 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def _restore(self) -> tuple[int, list[float]]:
-        if self.ckpt is None or not (self.ckpt / "state.json").is_file():
+        if self.ckpt is None:
+            return 0, []
+        old = self.ckpt.with_name(self.ckpt.name + ".old")
+        if not (self.ckpt / "state.json").is_file() and (old / "state.json").is_file():
+            os.replace(old, self.ckpt)  # killed between the two renames of _save: the previous one is whole
+        if not (self.ckpt / "state.json").is_file():
             return 0, []
         state = json.loads((self.ckpt / "state.json").read_text())
         if state.get("config") != self.cfg.fingerprint():

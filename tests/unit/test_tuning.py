@@ -62,7 +62,9 @@ def test_three_record_shapes_and_deterministic_split(tmp_path: Path) -> None:
     assert set(again.val) == set(data.val) and set(again.train) == set(data.train)
     assert 0 < len(data.val) < len(everything)
     assert data.data_hash == load_jsonl(tmp_path / "d.jsonl", val_share=0.3,
-                                        chat_template=lambda m: "x" + m[-1]["content"]).data_hash or True
+                                        chat_template=lambda m: f"<u>{m[-1]['content']}</u>").data_hash
+    assert data.data_hash != load_jsonl(tmp_path / "d.jsonl", val_share=0.3,
+                                        chat_template=lambda m: "x" + m[-1]["content"]).data_hash
     train, val = split(everything, 0.0)
     assert not val and len(train) == len(everything)
 
@@ -247,3 +249,42 @@ def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(
     else:  # a perfect candidate is the only way through min_clean_accuracy=1.0
         assert res2.gate["clean_accuracy"] == 1.0
     assert res2.gate["negative_flip_rate"] is not None
+
+
+def test_settings_are_checked_up_front_and_the_fingerprint_ignores_what_does_not_train(tiny_dir: Path,
+                                                                                        tmp_path: Path,
+                                                                                        capsys) -> None:
+    from pydantic import ValidationError
+
+    from tsugiki.cli import main
+
+    with pytest.raises(ValidationError, match="unknown corruption families"):
+        RobustConfig(families=("typoz",))
+    with pytest.raises(ValidationError, match="unknown corruption families"):
+        GateConfig(families=("nope",))
+    with pytest.raises(ValidationError, match="strengths must be above 0"):
+        RobustConfig(strengths=(0.0, 1.0))
+    cfg = _cfg(tiny_dir)
+    looser = cfg.model_copy(update={"gate": GateConfig(max_family_drop=0.9), "num_cpus": 2,
+                                    "robust": cfg.robust.model_copy(update={"strengths": (1.0,)})})
+    assert looser.fingerprint() == cfg.fingerprint()  # a rejected run rerun with a looser gate resumes
+    assert cfg.model_copy(update={"learning_rate": 1e-4}).fingerprint() != cfg.fingerprint()
+    data = _write(tmp_path / "d.jsonl", _records(8))
+    assert main(["tune", "--data", str(data), "--name", "x", "--layers", "1,x", "--local"]) == 2
+    assert "--layers '1,x'" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("- 1\n- 2\n")
+    assert main(["tune", "--data", str(data), "--name", "x", "--config", str(tmp_path / "bad.yaml"), "--local"]) == 2
+    assert "expected a mapping" in capsys.readouterr().err
+    assert main(["tune", "--data", str(tmp_path / "missing.jsonl"), "--name", "x", "--local",
+                 "--base-model", str(tiny_dir)]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_chat_template_refusal_names_the_line(tmp_path: Path) -> None:
+    def strict(msgs: list[dict[str, str]]) -> str:
+        raise ValueError("Conversation roles must alternate user/assistant")
+
+    f = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                    {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"c.jsonl:1: field 'messages': the chat template refused it"):
+        read_examples(f, chat_template=strict)
