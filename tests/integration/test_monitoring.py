@@ -26,7 +26,7 @@ SUBSET = Path(__file__).resolve().parents[1] / "data" / "clinc150" / "subset.jso
 def gateway_url(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[str]:
     work = tmp_path_factory.mktemp("monitored")
     port = free_port()
-    cfg = {"adapters": {"store_dir": str(work / "store")},
+    cfg = {"adapters": {"store_dir": str(work / "store")}, "engine": {"prompt_perplexity_sample": 0.1},
            # A small reference so the test is short. With 50 calibration points, ert_over='references' lowers the
            # threshold a lot (it holds the ERT on average over reference draws, and a typical draw then alarms
            # every ~500 requests); 'stream' keeps a false alarm before the shift unlikely (~1% at ERT 5000).
@@ -65,7 +65,7 @@ def test_drift_alarm_after_domain_shift(gateway_url: str) -> None:
     _send(gateway_url, clean)
     wait_for(lambda: metric(gateway_url, "tsugiki_monitor_observations_total", adapter=BASE) >= 150)
     assert metric(gateway_url, "tsugiki_drift_alarm", adapter=BASE) == 0.0
-    # prompt perplexity is measured on a sampled share (default 10%) of the 150 requests so far
+    # prompt perplexity is measured on a sampled share (10% here) of the 150 requests so far
     n_ppl = metric(gateway_url, "tsugiki_prompt_perplexity_count", adapter=BASE)
     assert 3 <= n_ppl <= 40
     assert metric(gateway_url, "tsugiki_prompt_perplexity_sum", adapter=BASE) / n_ppl > 1.0
