@@ -140,14 +140,14 @@ def set_strength(model: Any, strength: float) -> None:
 
 # ---------------------------------------------------------------------------------------------- fit / gate
 def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoint_dir: Path | None = None,
-        progress: bool = True, stop_after: int | None = None) -> tuple[Any, TrainResult]:
+        progress: bool = True) -> tuple[Any, TrainResult]:
     """Choose layers, build the model (LoRA or full) and train it; returns (model, result)."""
     torch.manual_seed(cfg.seed)
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
     model = build_model(cfg, loaded.model, layers)
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores,
                       checkpoint_dir=checkpoint_dir, progress=progress)
-    return model, trainer.train(stop_after=stop_after)
+    return model, trainer.train()
 
 
 def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:
