@@ -26,7 +26,7 @@ import numpy as np
 
 from tsugiki.config import default_home
 from tsugiki.monitoring.corruption import corrupt
-from tsugiki.monitoring.drift import DriftConfig, ReferenceProfile, cusum_threshold
+from tsugiki.monitoring.drift import DriftConfig, ReferenceProfile
 from tsugiki.monitoring.noise import NoiseDetector
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
@@ -135,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     over = {k: v for k, v in (("allowance", args.allowance), ("n_components", args.components),
                               ("n_neighbors", args.neighbors)) if v is not None}
-    cfg = DriftConfig(ert=args.ert, reference_size=args.reference_size, **over)
+    cfg = DriftConfig(ert=args.ert, reference_size=args.reference_size, ert_over=args.ert_over, **over)
     data = load_clinc(args.data)
     domains = json.loads((args.data / "domains.json").read_text())
     intent_domain = {i: d for d, its in domains.items() for i in its}
@@ -190,8 +190,8 @@ def main() -> None:
     # ---- drift scenarios -------------------------------------------------------------------------------------
     k = cfg.allowance
     n_cal = cfg.reference_size - cfg.reference_size // 2  # the neighbour half calibrates
-    h = cusum_threshold(k, cfg.ert, n_cal if args.ert_over == "references" else None)
-    h_cmp = cusum_threshold(k, args.compare_ert, n_cal if args.ert_over == "references" else None)
+    h = cfg.threshold(n_cal)  # the same rule the server's detector uses
+    h_cmp = cfg.model_copy(update={"ert": args.compare_ert}).threshold(n_cal)
     scen_delays: dict[str, list[float]] = {}
     cmp_delays: dict[str, list[float]] = {}
     run_lengths, cmp_run_lengths = [], []

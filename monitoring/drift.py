@@ -54,6 +54,11 @@ class DriftConfig(BaseModel):
                     "reference calibrated without bias, and averaged over deployments the run length is longer "
                     "(2.6x measured at ERT 10,000; see cusum_threshold).")
 
+    def threshold(self, n_calibration: int) -> float:
+        """The CUSUM threshold for this ERT, given the reference's number of held-out calibration novelties
+        (used only by ``ert_over='references'``)."""
+        return cusum_threshold(self.allowance, self.ert, n_calibration if self.ert_over == "references" else None)
+
 
 def cusum_arl(k: float, h: float, mu: float = 0.0) -> float:
     """Average run length of a CUSUM with allowance ``k`` and threshold ``h`` on N(mu, 1) increments.
@@ -188,10 +193,9 @@ class DriftDetector:
 
     @property
     def threshold(self) -> float:
-        if self.config.ert_over == "stream":
-            return cusum_threshold(self.config.allowance, self.config.ert)
-        n_cal = len(self.profile.calibration) if self.profile is not None else self.config.reference_size // 2
-        return cusum_threshold(self.config.allowance, self.config.ert, n_cal)
+        n = self.config.reference_size
+        n_cal = len(self.profile.calibration) if self.profile is not None else n - n // 2  # the neighbour half
+        return self.config.threshold(n_cal)
 
     @property
     def ready(self) -> bool:

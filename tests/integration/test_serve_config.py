@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import free_port, stop, wait_ready
+from tests.integration.conftest import free_port, stop, wait_for, wait_ready
 
 pytestmark = pytest.mark.integration
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -52,11 +52,6 @@ def test_serve_run_with_deploy_config(tmp_path: Path, default_model_dir: Path, r
             return {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
                     if line.startswith("tsugiki_running_sequences{")}
 
-        import time
-
-        deadline = time.monotonic() + 30
-        while len(replicas()) < 2 and time.monotonic() < deadline:
-            time.sleep(1)
-        assert len(replicas()) == 2  # both model replicas report their metrics through one /metrics
+        wait_for(lambda: len(replicas()) == 2, timeout=30)  # both replicas report through one /metrics
     finally:
         stop(proc)
