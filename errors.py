@@ -90,6 +90,22 @@ class EngineError(TsugikiError):
     type = "internal_error"
 
 
+class ConflictError(InvalidRequestError):
+    """The request conflicts with the registry's current state: an illegal lifecycle transition, a retired version
+    in a route, a second active rollout for an alias."""
+
+    status = 409
+    code = "registry_conflict"
+
+
+class ArtifactStoreError(TsugikiError):
+    """The artifact backend failed (unreachable, access denied, out of space): not the caller's fault."""
+
+    status = 502
+    type = "internal_error"
+    code = "artifact_store_error"
+
+
 _BY_NAME: dict[str, type[TsugikiError]] = {
     c.__name__: c
     for c in (
@@ -104,5 +120,7 @@ _BY_NAME: dict[str, type[TsugikiError]] = {
         ConfigError,
         OverloadedError,
         EngineError,
+        ConflictError,
+        ArtifactStoreError,
     )
 }
