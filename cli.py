@@ -4,6 +4,9 @@
     tsugiki adapters list|load NAME PATH|unload NAME [--url URL] [--key KEY]
     tsugiki convert            convert and cache the embedded default model
     tsugiki tune --data FILE --name NAME [--val FILE] [--config FILE] [--screen] [--local] ...
+    tsugiki demo [--quick] [--restart-controller]    the whole loop on the embedded default (see demo.py)
+    tsugiki rollout status|start|promote|pause|resume|rollback ALIAS [--candidate name@vN]
+    tsugiki registry versions [NAME] | register NAME PATH [--data FILE] | refresh ALIAS
 """
 
 from __future__ import annotations
@@ -194,6 +197,49 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result.status == "written" else 3
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tsugiki import demo
+
+    _configure_logging(args.log_level)
+    summary = demo.run(args)
+    demo.print_summary(summary)
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        out = _request(args, "GET", f"/v1/rollouts/{args.alias}")
+    elif args.action == "start":
+        if not args.candidate:
+            raise ConfigError("usage: tsugiki rollout start ALIAS --candidate NAME@vN")
+        out = _request(args, "POST", f"/v1/rollouts/{args.alias}", {"candidate": args.candidate})
+    else:
+        out = _request(args, "POST", f"/v1/rollouts/{args.alias}/{args.action}", {})
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    if args.action == "versions":
+        out = _request(args, "GET", "/v1/registry/versions" + (f"?name={args.name}" if args.name else ""))
+        for v in out["data"]:
+            print(f"{v['key']}\t{v['state']}\t{v['digest'][:12]}\tparent v{v['parent_version']}")
+        return 0
+    if not args.name:
+        extra = " PATH" if args.action == "register" else ""
+        raise ConfigError(f"usage: tsugiki registry {args.action} NAME{extra}")
+    if args.action == "register":
+        if not args.path:
+            raise ConfigError("usage: tsugiki registry register NAME PATH [--data FILE]")
+        body = {"name": args.name, "path": os.path.abspath(args.path),
+                "data_path": os.path.abspath(args.data) if args.data else None}
+        out = _request(args, "POST", "/v1/registry/versions", body)
+    else:
+        out = _request(args, "POST", f"/v1/refresh/{args.name}", {"reason": "requested from the CLI"})
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsugiki", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,6 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print the whole result as JSON")
     t.add_argument("--log-level", default="WARNING")
     t.set_defaults(func=cmd_tune)
+    d = sub.add_parser("demo", help="the whole loop on the embedded default: serve, drift, refresh, canary, promote",
+                       description="Serves an alias, shifts its traffic to new CLINC150 domains, detects the drift, "
+                                   "tunes and gates a robust candidate, canaries and promotes it, then shows a "
+                                   "corrupted candidate rolled back automatically. Needs port --port free.")
+    d.add_argument("--quick", action="store_true", help="shorter tuning (for tests)")
+    d.add_argument("--restart-controller", action="store_true",
+                   help="kill the controller replica mid-rollout and check that the rollout continues")
+    d.add_argument("--skip-bad-candidate", action="store_true")
+    d.add_argument("--home", help="demo directory (default: ~/.cache/tsugiki/demo; its registry is reset)")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--log-level", default="WARNING")
+    d.set_defaults(func=cmd_demo)
+    for name, fn, actions in (("rollout", cmd_rollout, ["status", "start", "promote", "pause", "resume", "rollback"]),
+                              ("registry", cmd_registry, ["versions", "register", "refresh"])):
+        r = sub.add_parser(name, help=f"{name} operations on a running gateway")
+        r.add_argument("action", choices=actions)
+        r.add_argument("alias" if name == "rollout" else "name", nargs=None if name == "rollout" else "?")
+        if name == "rollout":
+            r.add_argument("--candidate", help="version key to roll out (start)")
+        else:
+            r.add_argument("path", nargs="?")
+            r.add_argument("--data", help="the adapter's training data (JSON Lines), used by refreshes")
+        r.add_argument("--url", default=os.environ.get("TSUGIKI_URL", "http://127.0.0.1:8000"))
+        r.add_argument("--key", default=os.environ.get("TSUGIKI_ADMIN_KEY"))
+        r.set_defaults(func=fn)
     return p
 
 

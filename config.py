@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tsugiki.adapters.rollout import RolloutPlan
 from tsugiki.errors import ConfigError
 from tsugiki.monitoring.monitor import MonitorConfig
 
@@ -93,6 +94,41 @@ class ServerConfig(_Frozen):
         return tuple(s for s in v.split(",") if s) if isinstance(v, str) else v
 
 
+class RegistryConfig(_Frozen):
+    """Where the adapter registry (versions, aliases, rollouts, feedback, captures) and its artifacts live."""
+
+    path: Path | None = Field(default=None, description="SQLite file; default: $TSUGIKI_HOME/registry.db. Every "
+                                                        "process using it must run on the same host (see registry).")
+    artifacts: str | None = Field(default=None, description="Artifact store: a directory, file:// or s3://bucket/"
+                                                            "prefix URI; default: $TSUGIKI_HOME/artifacts.")
+    s3_endpoint_url: str | None = Field(default=None, description="For S3-compatible stores (MinIO, Ceph, ...).")
+    refresh_s: float = Field(default=1.0, gt=0, description="How stale a replica's alias table may get.")
+
+
+class RefreshConfig(_Frozen):
+    """When and how an alias is retrained."""
+
+    enabled: bool = Field(default=True, description="React to drift alarms and Alertmanager webhooks at all.")
+    min_labelled: int = Field(default=30, ge=1, description="Labelled captures newer than the stable version "
+                                                            "needed before a refresh trains.")
+    cooldown_s: float = Field(default=900.0, ge=0, description="Seconds after a finished refresh of an alias "
+                                                               "before drift may trigger another.")
+    max_captures: int = Field(default=20_000, gt=0, description="Newest labelled captures used at most.")
+    tune: dict[str, Any] = Field(default_factory=dict, description="TuneConfig fields for refresh jobs.")
+    work_dir: Path | None = Field(default=None, description="Default: $TSUGIKI_HOME/refresh.")
+
+
+class ControllerConfig(_Frozen):
+    """The rollout and refresh controller."""
+
+    enabled: bool = Field(default=True, description="Run the controller deployment at all.")
+    tick_s: float = Field(default=2.0, gt=0, description="Seconds between rollout decisions.")
+    rollout: RolloutPlan = RolloutPlan()
+    refresh: RefreshConfig = RefreshConfig()
+    refresh_alerts: tuple[str, ...] = Field(default=("TsugikiDriftDetected",), description="Alertmanager alert "
+                                            "names that request a refresh of the alias they name.")
+
+
 class Settings(_Frozen):
     """Everything a gateway needs; build it with :func:`load_settings`."""
 
@@ -101,6 +137,27 @@ class Settings(_Frozen):
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
     monitor: MonitorConfig = MonitorConfig()
+    registry: RegistryConfig = RegistryConfig()
+    controller: ControllerConfig = ControllerConfig()
+
+    def registry_path(self) -> Path:
+        return (self.registry.path or default_home() / "registry.db").expanduser().resolve()
+
+    def artifacts_uri(self) -> str:
+        return self.registry.artifacts or str((default_home() / "artifacts").expanduser().resolve())
+
+    def open_artifacts(self) -> Any:
+        """The registry's artifact store (an ``ArtifactStore``)."""
+        from tsugiki.adapters.artifacts import artifacts_from_uri
+
+        kw = {"endpoint_url": self.registry.s3_endpoint_url} if self.registry.s3_endpoint_url else {}
+        return artifacts_from_uri(self.artifacts_uri(), **kw)
+
+    def open_registry(self) -> Any:
+        """The registry these settings name (a ``Registry``; only the controller and the CLI open it)."""
+        from tsugiki.adapters.registry import Registry
+
+        return Registry(self.registry_path(), self.open_artifacts())
 
     def store_dir(self) -> Path:
         return (self.adapters.store_dir or default_home() / "adapters").expanduser().resolve()

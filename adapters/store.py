@@ -149,10 +149,14 @@ class AdapterStore:
             os.replace(tmp, self._index_path)
             self._stamp = None
 
-    def put(self, name: str, src: str | Path, *, digest: str | None = None) -> AdapterRef:
-        """Import the adapter directory ``src`` under ``name`` and make that version active.
+    def put(self, name: str, src: str | Path, *, digest: str | None = None, version: int | None = None,
+            activate: bool = True) -> AdapterRef:
+        """Import the adapter directory ``src`` under ``name`` (and make that version active unless ``activate``
+        is False).
 
-        Identical content to an existing version re-activates that version; new content becomes a new version.
+        Identical content to an existing version reuses that version; new content becomes version N+1, or
+        ``version`` when given: the registry numbers the versions of the adapters it manages, and every node's
+        store must use the same numbers (a different digest under a taken number is an error).
         """
         check_name(name)
         src = Path(src)
@@ -161,10 +165,16 @@ class AdapterStore:
         with self._locked() as index:
             entry = index["adapters"].setdefault(name, {"versions": {}, "active": None})
             for ver, v in entry["versions"].items():
-                if v["digest"] == digest and (self.root / v["path"]).is_dir():
-                    entry["active"] = int(ver)
+                if v["digest"] == digest and (self.root / v["path"]).is_dir() and version in (None, int(ver)):
+                    if activate:
+                        entry["active"] = int(ver)
                     return AdapterRef(name, int(ver), digest)
-            version = max((int(v) for v in entry["versions"]), default=0) + 1
+            if version is not None and str(version) in entry["versions"]:
+                raise AdapterError(f"adapter {name!r} version {version} is already stored with different content "
+                                   f"(digest {entry['versions'][str(version)]['digest'][:12]}, not {digest[:12]})",
+                                   param="version")
+            if version is None:
+                version = max((int(v) for v in entry["versions"]), default=0) + 1
             rel = f"{name}/v{version}-{digest[:12]}"
             dest = self.root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -177,13 +187,21 @@ class AdapterStore:
                 if content_digest(tmp) != digest:
                     raise AdapterError(f"adapter at {str(src)!r} changed while it was being imported; retry",
                                        param="path")
+                if dest.exists():  # left by an import that crashed before the index was written
+                    shutil.rmtree(dest)
                 os.replace(tmp, dest)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             entry["versions"][str(version)] = {"digest": digest, "path": rel, "created": time.time(),
                                                "source": str(src)}
-            entry["active"] = version
+            if activate:
+                entry["active"] = version
             return AdapterRef(name, version, digest)
+
+    def has(self, ref: AdapterRef) -> bool:
+        """Whether this exact version (name, number and digest) is on disk here."""
+        v = self._load()["adapters"].get(ref.name, {}).get("versions", {}).get(str(ref.version))
+        return v is not None and v["digest"] == ref.digest and (self.root / v["path"]).is_dir()
 
     def deactivate(self, name: str) -> AdapterRef:
         """Stop serving ``name`` (its versions stay on disk for audit and rollback)."""

@@ -204,6 +204,10 @@ class Monitor:
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
 
+    def alarms(self) -> dict[str, bool]:
+        """Whether each adapter's drift alarm is raised (until :meth:`reset`)."""
+        return {a: st.alarm for a, st in self._adapters.items()}
+
     # ---- persistence ---------------------------------------------------------------------------------------
     def save(self) -> None:
         for adapter, st in self._adapters.items():

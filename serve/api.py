@@ -26,9 +26,14 @@ from tsugiki.config import ServerConfig
 from tsugiki.errors import AuthenticationError, InvalidRequestError, NotFoundError, OverloadedError, TsugikiError
 from tsugiki.serve.metrics import GatewayMetrics, MergedExpositions
 from tsugiki.serve.protocol import (
+    CaptureRequest,
     ChatRequest,
     CompletionRequest,
+    FeedbackRequest,
     LoadAdapterRequest,
+    RefreshRequest,
+    RegisterVersionRequest,
+    RolloutStartRequest,
     VLLMLoadRequest,
     VLLMUnloadRequest,
 )
@@ -59,13 +64,22 @@ class ModelClient(Protocol):
 
     async def monitor_reset(self, adapter: str) -> dict[str, Any]: ...
 
+    async def control(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        """A control-plane operation (:class:`~tsugiki.serve.control.ControlPlane`'s method ``op``)."""
+
 
 class LocalClient:
-    """A :class:`ModelClient` over an in-process ModelServer and Monitor (tests, benchmarks, one process)."""
+    """A :class:`ModelClient` over an in-process ModelServer, Monitor and ControlPlane (tests, benchmarks)."""
 
-    def __init__(self, server: Any, monitor: Any = None) -> None:
+    def __init__(self, server: Any, monitor: Any = None, control: Any = None) -> None:
         self.server = server
         self.monitor = monitor
+        self.control_plane = control
+
+    async def control(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        if self.control_plane is None:
+            raise OverloadedError("the controller is not running", code="controller_unavailable")
+        return await getattr(self.control_plane, op)(*args, **kwargs)
 
     def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self.server.generate(payload)  # type: ignore[no-any-return]
@@ -86,6 +100,8 @@ class LocalClient:
         texts = {"local": self.server.metrics_text()}
         if self.monitor is not None:
             texts["monitor"] = generate_latest(self.monitor.registry).decode()
+        if self.control_plane is not None:
+            texts["controller"] = generate_latest(self.control_plane.metrics_registry).decode()
         return texts
 
     def _monitor(self) -> Any:
@@ -169,7 +185,7 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
     registry = registry or CollectorRegistry()
     metrics = GatewayMetrics(registry)
     auth = _Auth(cfg)
-    state: dict[str, Any] = {"base": None, "known": set()}
+    state: dict[str, Any] = {"base": None, "known": set(), "aliases": set()}
     merged = CollectorRegistry(auto_describe=False)
     remote_texts: dict[str, str] = {}
     merged.register(MergedExpositions(lambda: remote_texts))
@@ -179,13 +195,20 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
             state["base"] = (await client.describe())["base_model"]
         return str(state["base"])
 
+    async def alias_names() -> set[str]:
+        try:
+            state["aliases"] = {a["alias"] for a in await client.control("aliases")}
+        except TsugikiError:
+            pass  # no controller: no aliases
+        return set(state["aliases"])
+
     async def label_for(model: str) -> str:
-        # Bounded labels: the base model, adapter names known to the store, else "unknown".
-        if model == await base_model() or model in state["known"]:
+        # Bounded labels: the base model, adapter names known to the store, aliases, else "unknown".
+        if model == await base_model() or model in state["known"] or model in state["aliases"]:
             return model
         names = {a["name"] for a in await client.list_adapters()}
         state["known"] = names
-        return model if model in names else "unknown"
+        return model if model in names or model in await alias_names() else "unknown"
 
     # ---- cross-cutting ---------------------------------------------------------------------------------------
     @app.middleware("http")
@@ -249,6 +272,14 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         for a in info["adapters"]:
             data.append({"id": a["name"], "object": "model", "created": int(a["created"]), "owned_by": "tsugiki",
                          "root": a["path"], "parent": base, "version": a["version"], "digest": a["digest"]})
+        try:
+            aliases = await client.control("aliases")
+        except TsugikiError:
+            aliases = []  # no controller: the base model and adapters still answer
+        for a in aliases:
+            data.append({"id": a["alias"], "object": "model", "created": int(a["updated"]), "owned_by": "tsugiki",
+                         "root": None, "parent": base, "alias": True, "routes": a["routes"],
+                         "shadow": a["shadow"], "shadow_share": a["shadow_share"], "rollout": a["rollout"]})
         return {"object": "list", "data": data}
 
     @app.get("/v1/adapters")
@@ -321,13 +352,108 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         auth.admin(request)
         return await client.monitor_reset(name)
 
+    # ---- registry, aliases, rollouts, feedback, refresh -------------------------------------------------------
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        auth.inference(request)
+        body = await parse_body(request, FeedbackRequest)
+        return JSONResponse(await client.control("feedback", body.model_dump()), status_code=201)
+
+    @app.get("/v1/feedback")
+    async def feedback_list(request: Request, alias: str | None = None, limit: int = 100) -> dict[str, Any]:
+        auth.admin(request)
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}", param="limit")
+        return {"object": "list", **await client.control("feedback_list", alias, limit)}
+
+    @app.get("/v1/aliases")
+    async def aliases(request: Request) -> dict[str, Any]:
+        auth.inference(request)
+        return {"object": "list", "data": await client.control("aliases")}
+
+    @app.get("/v1/aliases/{alias}")
+    async def alias_status(alias: str, request: Request) -> dict[str, Any]:
+        auth.inference(request)
+        return await client.control("rollout", "status", alias)  # type: ignore[no-any-return]
+
+    @app.put("/v1/aliases/{alias}/capture")
+    async def alias_capture(alias: str, request: Request) -> dict[str, Any]:
+        auth.admin(request)
+        body = await parse_body(request, CaptureRequest)
+        return await client.control("set_capture", alias, body.rate, body.retention)  # type: ignore[no-any-return]
+
+    @app.get("/v1/registry/versions")
+    async def registry_versions(request: Request, name: str | None = None) -> dict[str, Any]:
+        auth.admin(request)
+        return {"object": "list", "data": await client.control("versions", name)}
+
+    @app.post("/v1/registry/versions")
+    async def registry_register(request: Request) -> JSONResponse:
+        auth.admin(request)
+        body = await parse_body(request, RegisterVersionRequest)
+        rec = await client.control("register", body.name, body.path, data_path=body.data_path, tune=body.tune)
+        return JSONResponse(rec, status_code=201)
+
+    @app.get("/v1/registry/events")
+    async def registry_events(request: Request, alias: str | None = None, since_id: int | None = None,
+                              limit: int = 100) -> dict[str, Any]:
+        auth.admin(request)
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}", param="limit")
+        return {"object": "list", "data": await client.control("events", alias, since_id, limit)}
+
+    @app.post("/v1/rollouts/{alias}")
+    async def rollout_start(alias: str, request: Request) -> JSONResponse:
+        auth.admin(request)
+        body = await parse_body(request, RolloutStartRequest)
+        return JSONResponse(await client.control("rollout", "start", alias, candidate=body.candidate,
+                                                 actor="operator"), status_code=201)
+
+    @app.get("/v1/rollouts/{alias}")
+    async def rollout_status(alias: str, request: Request) -> dict[str, Any]:
+        auth.inference(request)
+        return await client.control("rollout", "status", alias)  # type: ignore[no-any-return]
+
+    @app.post("/v1/rollouts/{alias}/{op}")
+    async def rollout_op(alias: str, op: str, request: Request) -> dict[str, Any]:
+        auth.admin(request)
+        if op not in ("promote", "pause", "resume", "rollback"):
+            raise NotFoundError(f"no rollout operation {op!r}; use promote, pause, resume or rollback", param="op")
+        return await client.control("rollout", op, alias, actor="operator")  # type: ignore[no-any-return]
+
+    @app.post("/v1/refresh/{alias}")
+    async def refresh(alias: str, request: Request) -> JSONResponse:
+        auth.admin(request)
+        body = await parse_body(request, RefreshRequest)
+        res = await client.control("request_refresh", alias, reason=body.reason, source="operator", force=body.force)
+        return JSONResponse(res, status_code=202 if res.get("accepted") else 200)
+
+    @app.get("/v1/refreshes")
+    async def refreshes(request: Request, alias: str | None = None) -> dict[str, Any]:
+        auth.admin(request)
+        return {"object": "list", "data": await client.control("refreshes", alias)}
+
+    @app.post("/v1/alerts/alertmanager")
+    async def alertmanager(request: Request) -> dict[str, Any]:
+        auth.admin(request)  # Alertmanager sends it with http_config.authorization (deploy/alertmanager)
+        raw = await request.body()
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from e
+        if not isinstance(payload, dict):
+            raise InvalidRequestError("an Alertmanager webhook payload is a JSON object")
+        return await client.control("alertmanager", payload)  # type: ignore[no-any-return]
+
     # ---- inference -------------------------------------------------------------------------------------------
     async def run(request: Request, body: CompletionRequest | ChatRequest, chat: bool) -> Response:
         rid: str = request.state.request_id
         t0 = time.perf_counter()
         payload: dict[str, Any] = {"request_id": rid, "model": body.model, "max_tokens": body.token_budget(),
                                    "temperature": body.temperature, "top_p": body.top_p, "stop": body.stop_list(),
-                                   "seed": body.seed}
+                                   "seed": body.seed,
+                                   # the sticky-routing key of aliases: the OpenAI `user`, or a header
+                                   "user": body.user or request.headers.get("x-tsugiki-caller")}
         if isinstance(body, ChatRequest):
             payload["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
             payload["logprobs"] = body.logprobs
@@ -346,6 +472,8 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         prompt_tokens = int(first["prompt_tokens"])
         rec = _Recorder(metrics, label, t0, prompt_tokens)
         headers = {}
+        if first.get("alias") is not None and first.get("adapter"):
+            headers["x-tsugiki-version"] = str(first["adapter"])  # which version of the alias answered
         if first.get("noise") is not None:
             # Applications can act on noisy input (ask to rephrase, route to a robust adapter).
             headers["x-tsugiki-noise-score"] = f"{first['noise']['score']:.3f}"

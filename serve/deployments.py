@@ -1,10 +1,14 @@
 """The Ray Serve application: a thin shell over :mod:`tsugiki.serve.api` and :mod:`tsugiki.serve.server`.
 
-Two deployments:
+Four deployments:
 
 * ``LLMServer`` hosts the base model, its adapters and the batching engine (one per replica; replicas,
   autoscaling and ``num_gpus`` come from the Ray Serve config).
 * ``Gateway`` is the HTTP ingress: the OpenAI API, built at replica start by ``__serve_build_asgi_app__``.
+* ``Monitor`` (one replica) owns the drift state.
+* ``Controller`` (one replica) owns the registry: aliases, rollouts, feedback, refreshes (see ``control.py``).
+  Model replicas fetch the alias table from it and ship their outcomes to it; it must run on the host that
+  keeps the registry file (on a cluster: the head node, see deploy/).
 
 Adapter state lives in the shared adapter store, so a load or unload made through any replica reaches every
 replica (each loads on first use and drops unloaded versions within a second). Engine metrics of every model
@@ -28,9 +32,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from tsugiki.config import Settings, load_settings
+from tsugiki.errors import TsugikiError
 from tsugiki.monitoring.monitor import Monitor
 from tsugiki.serve.api import build_app
 from tsugiki.serve.base_model import resolve_base_model
+from tsugiki.serve.control import ControlPlane
 from tsugiki.serve.server import ModelServer
 
 logger = logging.getLogger(__name__)
@@ -106,18 +112,78 @@ class MonitorDeployment(_PushesMetrics):
     def set_reference(self, adapter: str, features: Any) -> dict[str, Any]:
         return self.monitor.set_reference(adapter, features)
 
+    def alarms(self) -> dict[str, bool]:
+        return self.monitor.alarms()
+
+
+# Operations the gateway and the model replicas may call on the control plane (its public coroutines).
+CONTROL_OPS = frozenset({"snapshot", "record_outcomes", "feedback", "feedback_list", "register", "versions",
+                         "aliases", "set_capture", "rollout", "request_refresh", "refreshes", "alertmanager",
+                         "events"})
+
+
+@serve.deployment(name="Controller", num_replicas=1, max_ongoing_requests=256)
+class ControllerDeployment(_PushesMetrics):
+    """The one owner of the registry; runs the rollout and refresh loop (see :mod:`tsugiki.serve.control`)."""
+
+    def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None) -> None:
+        cfg = Settings.model_validate(settings)
+        events = alarms = None
+        if monitor is not None:
+            async def events() -> list[dict[str, Any]]:
+                return await monitor.events.remote(None, 200)  # type: ignore[no-any-return]
+
+            async def alarms() -> dict[str, bool]:
+                return await monitor.alarms.remote()  # type: ignore[no-any-return]
+
+        self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms)
+        self.registry = self.plane.metrics_registry
+        self._start_push("controller")
+        if cfg.controller.enabled:
+            self.plane.start()
+
+    async def call(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run a control-plane operation; errors come back as plain dicts (see LLMServer._call)."""
+        if op not in CONTROL_OPS:
+            return {"error": TsugikiError(f"unknown control operation {op!r}").to_dict()}
+        try:
+            return {"ok": await getattr(self.plane, op)(*args, **(kwargs or {}))}
+        except TsugikiError as e:
+            return {"error": e.to_dict()}
+
+
+class HandleControl:
+    """A :class:`~tsugiki.serve.server.ControlPlane`-shaped client over the Controller deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        res = await self.handle.call.remote(op, args, kwargs)
+        if "error" in res:
+            raise TsugikiError.from_dict(res["error"])
+        return res["ok"]
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.call("snapshot")  # type: ignore[no-any-return]
+
+    async def record_outcomes(self, rows: list[dict[str, Any]], captures: list[Any]) -> Any:
+        return await self.call("record_outcomes", rows, captures)
+
 
 @serve.deployment(name="LLMServer", max_ongoing_requests=256, health_check_period_s=10)
 class LLMServer(_PushesMetrics):
     """Model replica: a :class:`ModelServer` shipping observations to the monitor and metrics to the hub."""
 
-    def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None) -> None:
+    def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None,
+                 controller: DeploymentHandle | None = None) -> None:
         sink = None
         if monitor is not None:
             async def sink(batch: list[dict[str, Any]]) -> None:
                 await monitor.observe.remote(batch)
 
-        self.server = ModelServer(Settings.model_validate(settings), monitor_sink=sink)
+        self.server = ModelServer(Settings.model_validate(settings), monitor_sink=sink,
+                                  control=HandleControl(controller) if controller is not None else None)
         self.registry = self.server.registry
         self._start_push("llm")
 
@@ -158,11 +224,20 @@ class LLMServer(_PushesMetrics):
 class RayClient:
     """The gateway's :class:`~tsugiki.serve.api.ModelClient` over the LLMServer deployment handle."""
 
-    def __init__(self, handle: DeploymentHandle, monitor: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, monitor: DeploymentHandle,
+                 controller: DeploymentHandle | None = None) -> None:
         self.handle = handle
         self.stream = handle.options(stream=True)
         self.monitor = monitor
+        self.controller = HandleControl(controller) if controller is not None else None
         self.hub = telemetry_hub()
+
+    async def control(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        if self.controller is None:
+            from tsugiki.errors import OverloadedError
+
+            raise OverloadedError("the controller is not running", code="controller_unavailable")
+        return await self.controller.call(op, *args, **kwargs)
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         gen: Any = self.stream.generate.remote(payload)
@@ -206,13 +281,16 @@ class RayClient:
 class Gateway:
     """HTTP ingress: the OpenAI-compatible API over the LLMServer deployment."""
 
-    def __init__(self, llm: DeploymentHandle, monitor: DeploymentHandle, settings: dict[str, Any]) -> None:
+    def __init__(self, llm: DeploymentHandle, monitor: DeploymentHandle, settings: dict[str, Any],
+                 controller: DeploymentHandle | None = None) -> None:
         self._llm = llm
         self._monitor = monitor
+        self._controller = controller
         self._settings = Settings.model_validate(settings)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(RayClient(self._llm, self._monitor), self._settings.server, echo_request_id=False)
+        return build_app(RayClient(self._llm, self._monitor, self._controller), self._settings.server,
+                         echo_request_id=False)
 
 
 def resolved_settings(settings: Settings) -> dict[str, Any]:
@@ -225,8 +303,10 @@ def resolved_settings(settings: Settings) -> dict[str, Any]:
     adapters = settings.adapters.model_copy(update={"store_dir": settings.store_dir(),
                                                     "roots": settings.adapter_roots()})
     monitor = settings.monitor.model_copy(update={"state_dir": settings.monitor_dir()})
-    return settings.model_copy(update={"model": model, "adapters": adapters, "monitor": monitor}).model_dump(
-        mode="json")
+    registry = settings.registry.model_copy(update={"path": settings.registry_path(),
+                                                    "artifacts": settings.artifacts_uri()})
+    return settings.model_copy(update={"model": model, "adapters": adapters, "monitor": monitor,
+                                       "registry": registry}).model_dump(mode="json")
 
 
 def build_application(settings: Settings) -> serve.Application:
@@ -236,9 +316,12 @@ def build_application(settings: Settings) -> serve.Application:
     gateway: Any = Gateway.options(ray_actor_options={"num_cpus": 0.1})  # type: ignore[attr-defined]
     monitor_deployment: Any = MonitorDeployment
     monitor = monitor_deployment.options(ray_actor_options={"num_cpus": 0.1}).bind(data)
+    controller_deployment: Any = ControllerDeployment
+    controller = controller_deployment.options(ray_actor_options={"num_cpus": 0.1}).bind(data, monitor)
     llm = llm_deployment.options(num_replicas=srv.model_replicas,
                                  ray_actor_options={"num_cpus": srv.model_num_cpus, "num_gpus": srv.model_num_gpus})
-    return gateway.bind(llm.bind(data, monitor), monitor, data)  # type: ignore[no-any-return]
+    return gateway.bind(llm.bind(data, monitor, controller), monitor, data,  # type: ignore[no-any-return]
+                        controller)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

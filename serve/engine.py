@@ -44,12 +44,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One request as the engine sees it. ``adapter`` is an adapter *name* (resolved at admission) or None."""
+    """One request as the engine sees it. ``adapter`` is an adapter *name* (resolved to its active version at
+    admission) or None; ``version`` pins an exact stored version instead (an alias routed the request to it)."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     adapter: str | None = None
+    version: AdapterRef | None = None
 
 
 @dataclass
@@ -121,6 +123,8 @@ class EngineCore:
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.shapes = {n: (m.in_features, m.out_features) for n, m in self.lora_layers.items()}
         self.cache = AdapterCache(adapter_cfg.max_loaded, self._evict)
+        # Version keys aliases route to (set by the server from the registry): kept resident like active versions.
+        self.routed: set[str] = set()
         self._waiting: deque[tuple[GenerationRequest, Sink]] = deque()
         self._rows: list[_Seq] = []
         self._kv: Any = None  # DynamicCache for self._rows
@@ -208,10 +212,11 @@ class EngineCore:
             self.metrics.adapters_loaded.set(len(self.cache))
 
     def sync_store(self) -> None:
-        """Drop resident versions the store no longer serves (unloaded or replaced), unless in use."""
+        """Drop resident versions the store no longer serves (unloaded or replaced) and no alias routes to
+        (:attr:`routed`), unless in use."""
         if self.store is None:
             return
-        active = {r.key for r in self.store.active_refs().values()}
+        active = {r.key for r in self.store.active_refs().values()} | self.routed
         for ref in self.cache.refs():
             if ref.key not in active and not self.cache.pinned(ref):
                 self.cache.remove(ref)
@@ -250,10 +255,10 @@ class EngineCore:
             req, sink = self._waiting[0]
             ref = None
             try:
-                if req.adapter is not None:
+                if req.version is not None or req.adapter is not None:
                     if self.store is None:
                         raise ModelNotFoundError(f"model {req.adapter!r} does not exist", param="model")
-                    ref = self.store.require(req.adapter)
+                    ref = req.version if req.version is not None else self.store.require(str(req.adapter))
                     if not self.ensure_resident(ref):
                         break  # every slot pinned: wait for running sequences to finish
             except TsugikiError as e:

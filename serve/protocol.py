@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tsugiki.errors import InvalidRequestError
 
@@ -116,3 +116,42 @@ class VLLMLoadRequest(_Req):
 class VLLMUnloadRequest(_Req):
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
+
+
+class FeedbackRequest(_Req):
+    """``POST /v1/feedback``: a judgement of one response, named by the ``x-request-id`` it was served with."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    label: str | None = Field(default=None, min_length=1, max_length=512)
+    preferred: str | None = Field(default=None, min_length=1, max_length=20_000)
+    score: float | None = Field(default=None, allow_inf_nan=False)
+    user: str | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _something(self) -> FeedbackRequest:
+        if self.label is None and self.preferred is None and self.score is None:
+            raise ValueError("feedback needs at least one of label, preferred or score")
+        return self
+
+
+class RegisterVersionRequest(_Req):
+    """``POST /v1/registry/versions``: register an adapter directory as a candidate version of ``name``."""
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    data_path: str | None = Field(default=None, description="Its training data (JSON Lines), for refreshes.")
+    tune: dict[str, Any] | None = Field(default=None, description="TuneConfig fields refreshes start from.")
+
+
+class RolloutStartRequest(_Req):
+    candidate: str = Field(min_length=1, description="The version key to roll out, e.g. support@v2.")
+
+
+class CaptureRequest(_Req):
+    rate: float = Field(ge=0, le=1, description="Share of the alias's requests captured.")
+    retention: int = Field(ge=0, description="Captures kept at most (oldest dropped).")
+
+
+class RefreshRequest(_Req):
+    reason: str = Field(default="requested by an operator", max_length=500)
+    force: bool = Field(default=False, description="Ignore the cooldown and refresh.enabled.")

@@ -13,16 +13,21 @@ None with monitoring off); then ``{"type": "token", ...}`` events, the last one 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tsugiki.adapters.format import AdapterRef
+from tsugiki.adapters.routing import AliasRouter
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import Settings
 from tsugiki.errors import (
@@ -38,9 +43,46 @@ from tsugiki.monitoring.noise import NoiseDetector, NoiseReport
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.serve.engine import AsyncEngine, EngineCore, GenerationRequest, TokenEvent
 from tsugiki.serve.metrics import EngineMetrics
+from tsugiki.serve.outcomes import OutcomeRecorder
 from tsugiki.serve.sampling import SamplingParams
+from tsugiki.tuning.data import text_of_label_prompt
 
 logger = logging.getLogger(__name__)
+
+
+class ControlPlane(Protocol):
+    """What a model server needs from the controller (in-process, or a Ray deployment handle's calls)."""
+
+    async def snapshot(self) -> dict[str, Any]: ...
+
+    async def record_outcomes(self, rows: list[dict[str, Any]], captures: list[Any]) -> Any: ...
+
+
+async def _no_aliases() -> dict[str, Any]:
+    return {"aliases": [], "versions": {}}
+
+
+def _unit_hash(text: str) -> float:
+    """A stable hash of ``text`` in [0, 1) (capture sampling must agree across replicas and restarts)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class _Routed:
+    """Where one request goes: ``adapter`` (a name, or None for the base model) or an exact ``version`` an
+    alias routed it to (``key``), plus the alias's shadow version and whether to capture it."""
+
+    adapter: str | None
+    version: AdapterRef | None = None
+    alias: str | None = None
+    key: str | None = None
+    shadow: str | None = None
+    capture: bool = False
+
+    def outcome(self, request_id: str, *, ok: bool, latency_s: float, confidence: float | None = None,
+                noisy: bool = False, output: str | None = None) -> dict[str, Any]:
+        return {"request_id": request_id, "alias": self.alias, "version_key": self.key, "shadow": False, "ok": ok,
+                "latency_s": latency_s, "confidence": confidence, "noisy": noisy, "agree": None, "output": output}
 
 
 class ModelServer:
@@ -54,7 +96,8 @@ class ModelServer:
 
     def __init__(self, settings: Settings, *, progress: bool = False, registry: CollectorRegistry | None = None,
                  loaded: LoadedBaseModel | None = None,
-                 monitor_sink: Callable[[list[dict[str, Any]]], Awaitable[Any]] | None = None) -> None:
+                 monitor_sink: Callable[[list[dict[str, Any]]], Awaitable[Any]] | None = None,
+                 control: ControlPlane | None = None) -> None:
         self.settings = settings
         self.torch_threads = set_torch_threads(settings.model.torch_threads)
         self.loaded = loaded or load_base_model(settings.model, progress=progress)
@@ -77,6 +120,14 @@ class ModelServer:
         self.noise = NoiseDetector(mcfg.noise_thresholds, max_prompt_tokens=int(0.9 * self.info.max_model_len))
         self.quality = RequestQualityMetrics(self.registry)
         self.shipper = FeatureShipper(monitor_sink if mcfg.enabled else None, self.quality)
+        # Aliases: the controller says which versions an alias routes to; outcomes of routed requests go back to
+        # it (batched, off the request path) as rollout evidence. Without a controller there are no aliases.
+        self.control = control
+        self.router = AliasRouter(control.snapshot if control else _no_aliases,
+                                  settings.open_artifacts() if control else None, self.store,
+                                  refresh_s=settings.registry.refresh_s)
+        self.outcomes = OutcomeRecorder(control.record_outcomes if control else None)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
         logger.info("model server ready", extra={"base_model": self.info.name, "threads": self.torch_threads})
 
     # ---- metadata ------------------------------------------------------------------------------------------------
@@ -159,9 +210,24 @@ class ModelServer:
         if model == self.info.name:
             return None
         if self.store.resolve(model) is None:
-            raise ModelNotFoundError(f"The model `{model}` does not exist. GET /v1/models lists the base model and "
-                                     "the loaded adapters.", param="model")
+            raise ModelNotFoundError(f"The model `{model}` does not exist. GET /v1/models lists the base model, "
+                                     "the aliases and the loaded adapters.", param="model")
         return model
+
+    async def _route(self, payload: dict[str, Any], request_id: str) -> _Routed:
+        """Which adapter serves this request: an alias routes it (sticky per caller) to a registry version;
+        any other name is the base model or a stored adapter's active version."""
+        model = str(payload.get("model"))
+        alias = await self.router.get(model) if model != self.info.name and self.control else None
+        if alias is None:
+            return _Routed(adapter=self._resolve_model(model))
+        caller = str(payload.get("user") or request_id)
+        key = self.router.pick(alias, caller)
+        shadow = self.router.shadow_of(alias, request_id)
+        self.core.routed = self.router.routed_keys()
+        ref = self.router.ref(key) if self.router.is_local(key) else await asyncio.to_thread(self.router.local, key)
+        return _Routed(adapter=ref.name, version=ref, alias=alias.alias, key=key, shadow=shadow,
+                       capture=alias.capture_rate > 0 and _unit_hash(request_id) < alias.capture_rate)
 
     def _params(self, payload: dict[str, Any], n_prompt: int) -> SamplingParams:
         ecfg = self.settings.engine
@@ -194,12 +260,16 @@ class ModelServer:
 
     @staticmethod
     def _user_text(payload: dict[str, Any]) -> str | None:
-        """The text the user wrote: the prompt, or the last user message."""
+        """The text the user wrote: the last user message, the text inside a prompt rendered with the tuning
+        job's label template (the template's own words are not the user's), or the prompt."""
         if payload.get("messages") is not None:
             users = [m.get("content") or "" for m in payload["messages"] if m.get("role") == "user"]
             return users[-1] if users else None
         prompt = payload.get("prompt")
-        return prompt if isinstance(prompt, str) else None
+        if not isinstance(prompt, str):
+            return None
+        inner = text_of_label_prompt(prompt)
+        return prompt if inner is None else inner
 
     def _token_text(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
@@ -215,36 +285,56 @@ class ModelServer:
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one request; see the module docstring for the event protocol."""
         request_id = str(payload.get("request_id") or uuid.uuid4().hex)
+        t0 = time.perf_counter()
         try:
-            adapter = self._resolve_model(str(payload.get("model")))
+            routed = await self._route(payload, request_id)
             ids = self._prompt_ids(payload)
             params = self._params(payload, len(ids))
         except TsugikiError as e:
             yield {"type": "error", "error": e.to_dict()}
             return
-        t0 = time.perf_counter()
-        label = adapter or self.info.name
+        # Metric and monitor label: the routed version for alias traffic (bounded by the registry), else the name.
+        label = routed.key or routed.adapter or self.info.name
         noise = self._noise(payload, len(ids), label)
-        req = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids), params=params, adapter=adapter)
+        req = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids), params=params, adapter=routed.adapter,
+                                version=routed.version)
         started = False
-        features, prompt_logprob, logprobs = None, None, []
+        features, prompt_logprob, logprobs, text = None, None, [], []
         try:
             async for ev in self.engine.generate(req):
                 if not started:
                     started = True
                     features, prompt_logprob = ev.features, ev.prompt_logprob
                     yield {"type": "start", "prompt_tokens": len(ids),
-                           "adapter": ev.adapter.key if ev.adapter else None,
+                           "adapter": ev.adapter.key if ev.adapter else None, "alias": routed.alias,
                            "noise": {"score": round(noise.score, 4), "reasons": list(noise.reasons)} if noise else None}
                 if ev.logprob is not None:
                     logprobs.append(ev.logprob)
+                text.append(ev.text)
                 out = self._event(ev, params)
                 if ev.finish_reason is not None:
                     out["engine_seconds"] = time.perf_counter() - t0
                 yield out
         except TsugikiError as e:
+            if routed.alias is not None:
+                self.outcomes.add(routed.outcome(request_id, ok=False, latency_s=time.perf_counter() - t0))
             yield {"type": "error", "error": e.to_dict()}
             return
+        output = "".join(text)
+        if routed.alias is not None:
+            confidence = sum(logprobs) / len(logprobs) if logprobs else None
+            self.outcomes.add(routed.outcome(request_id, ok=True, latency_s=time.perf_counter() - t0,
+                                             confidence=confidence, noisy=bool(noise and noise.reasons),
+                                             output=output))
+            if routed.capture:  # the prompt as sent (the refresh job recovers a label template's text)
+                prompt = payload.get("prompt")
+                self.outcomes.capture(request_id, routed.alias, str(routed.key),
+                                      prompt if isinstance(prompt, str) else self._user_text(payload) or "", output)
+            if routed.shadow is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._shadow(routed, request_id, ids, params, output, bool(noise and noise.reasons)))
+                self._shadow_tasks.add(task)
+                task.add_done_callback(self._shadow_tasks.discard)
         if self.monitoring and started:
             confidence = sum(logprobs) / len(logprobs) if logprobs else None
             if confidence is not None:
@@ -257,6 +347,33 @@ class ModelServer:
                 prompt_tokens=len(ids), completion_tokens=len(logprobs), output_logprob=confidence,
                 prompt_logprob=prompt_logprob))
 
+    async def _shadow(self, routed: _Routed, request_id: str, ids: list[int], params: SamplingParams,
+                      served: str, noisy: bool) -> None:
+        """Run the shadow version on a copy of a served request; record its outcome and whether its answer
+        equals the served one (compared only when the served answer was greedy, i.e. deterministic)."""
+        t0 = time.perf_counter()
+        assert routed.shadow is not None
+        try:
+            ref = await asyncio.to_thread(self.router.local, routed.shadow)
+            req = GenerationRequest(request_id=f"{request_id}-shadow", prompt_ids=tuple(ids),
+                                    params=dataclasses.replace(params, temperature=0.0, seed=None),
+                                    version=ref, adapter=ref.name)
+            logprobs, text = [], []
+            async for ev in self.engine.generate(req):
+                if ev.logprob is not None:
+                    logprobs.append(ev.logprob)
+                text.append(ev.text)
+        except Exception as e:  # a failing shadow is evidence, never an error for anyone
+            logger.info("shadow request failed", extra={"request_id": request_id, "error": type(e).__name__})
+            self.outcomes.add({"request_id": request_id, "alias": routed.alias, "version_key": routed.shadow,
+                               "shadow": True, "ok": False, "latency_s": time.perf_counter() - t0})
+            return
+        agree = ("".join(text).strip() == served.strip()) if params.temperature == 0 else None
+        self.outcomes.add({"request_id": request_id, "alias": routed.alias, "version_key": routed.shadow,
+                           "shadow": True, "ok": True, "latency_s": time.perf_counter() - t0, "noisy": noisy,
+                           "confidence": sum(logprobs) / len(logprobs) if logprobs else None, "agree": agree,
+                           "output": "".join(text)})
+
     def _noise(self, payload: dict[str, Any], n_prompt: int, label: str) -> NoiseReport | None:
         if not self.monitoring:
             return None
@@ -268,6 +385,12 @@ class ModelServer:
         for reason in report.reasons:
             self.quality.noisy.labels(label, reason).inc()
         return report
+
+    async def drain(self) -> None:
+        """Finish running shadow requests and hand every buffered outcome to the controller."""
+        while self._shadow_tasks:
+            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+        await self.outcomes.flush()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

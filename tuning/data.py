@@ -66,6 +66,14 @@ def label_prompt(text: str) -> str:
     return LABEL_TEMPLATE.format(text=text)
 
 
+def text_of_label_prompt(prompt: str) -> str | None:
+    """The user's text inside a prompt rendered with :data:`LABEL_TEMPLATE`, or None for any other prompt."""
+    head, _, tail = LABEL_TEMPLATE.partition("{text}")
+    if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head) + len(tail):
+        return prompt[len(head):len(prompt) - len(tail)]
+    return None
+
+
 def _need_str(rec: dict[str, Any], key: str, where: str) -> str:
     v = rec.get(key)
     if not isinstance(v, str):

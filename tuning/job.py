@@ -50,7 +50,7 @@ RETAIN_TEXTS = Path(__file__).with_name("retain_texts.json")
 class TuneResult:
     name: str
     run_id: str
-    status: str  # "written" | "rejected"
+    status: str  # "written" (to the store) | "passed" (kept for the registry, to_store=False) | "rejected"
     adapter: str | None  # store key (name@vN-digest) when written
     path: str  # the stored version, or the rejected candidate
     gate: dict[str, Any]
@@ -223,8 +223,14 @@ def default_retain_texts() -> list[str]:
 def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: str | Path | None = None,
               store_dir: str | Path | None = None, work_dir: str | Path | None = None,
               retain_texts: list[str] | None = None, progress: bool = True,
-              screen_record: dict[str, Any] | None = None) -> TuneResult:
-    """The whole job in this process (what the Ray task runs)."""
+              screen_record: dict[str, Any] | None = None, incumbent_dir: str | Path | None = None,
+              to_store: bool = True) -> TuneResult:
+    """The whole job in this process (what the Ray task runs).
+
+    ``incumbent_dir``: the adapter the candidate would replace (for the negative flip rate); default: the
+    store's active version of ``name``. ``to_store=False`` (the refresh loop, which registers candidates in the
+    registry itself): a passing candidate stays in ``<run dir>/candidate`` with status ``passed``.
+    """
     check_name(name)
     if cfg.method != "lora":
         raise ValueError("the tuning job writes LoRA adapters; method 'full' is a benchmark baseline (use fit())")
@@ -242,9 +248,10 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
     val = _val(cfg, data)
     strength, strengths = pick_strength(cfg, model, tok, val, result.layers)
     store = AdapterStore(store_dir or default_home() / "adapters")
-    inc_ref = store.resolve(name)
-    report = run_gate(cfg, model, tok, val, strength=strength,
-                      incumbent_dir=store.path_of(inc_ref) if inc_ref is not None else None,
+    inc_ref = store.resolve(name) if incumbent_dir is None else None
+    incumbent = Path(incumbent_dir) if incumbent_dir is not None else (
+        store.path_of(inc_ref) if inc_ref is not None else None)
+    report = run_gate(cfg, model, tok, val, strength=strength, incumbent_dir=incumbent,
                       retain_texts=default_retain_texts() if retain_texts is None else retain_texts)
     card = {
         "name": name, "run_id": rid, "created": time.time(), "base_model": loaded.info.name,
@@ -255,7 +262,8 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         "train": {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
                   "trainable_params": result.trainable_params, "resumed_from": result.resumed_from,
                   "torch_threads": threads},
-        "gate": report.to_dict(), "parent": inc_ref.key if inc_ref is not None else None,
+        "gate": report.to_dict(),
+        "parent": inc_ref.key if inc_ref is not None else (str(incumbent_dir) if incumbent_dir else None),
         "wall_seconds": round(time.time() - t0, 2), "screen": screen_record,
     }
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
@@ -269,6 +277,12 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         cfg_file.write_text(json.dumps(acfg, indent=1))
         (out / CARD_FILE).write_text(json.dumps(card, indent=1, default=str))
         (run_dir / "report.json").write_text(json.dumps(card, indent=1, default=str))
+        if report.passed and not to_store:
+            kept = run_dir / "candidate"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.move(str(out), kept)
+            log.info("gate passed; candidate kept at %s", kept)
+            return TuneResult(name, rid, "passed", None, str(kept), report.to_dict(), card["train"], card)
         if report.passed:
             ref = store.put(name, out)
             log.info("gate passed; wrote %s", ref.key)

@@ -1,0 +1,204 @@
+"""The control plane in-process on the tiny model: aliases over HTTP, sticky routing, shadow, canary steps,
+promotion, automatic rollback, feedback, capture, refresh requests and restart.
+
+The refresh's tuning job is replaced by a stub runner (named as such) that hands back a prepared adapter: real
+tuning of the default model runs in tests/integration/test_loop.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import metric_value
+from tsugiki.adapters.registry import VersionState
+from tsugiki.config import load_settings
+from tsugiki.serve.api import LocalClient, build_app
+from tsugiki.serve.control import ControlPlane
+from tsugiki.serve.server import ModelServer
+from tsugiki.tuning.data import label_prompt
+
+# Margins wide enough for the few requests a unit test sends (non-inferiority needs n ~ 1/margin^2).
+PLAN = {"shadow_share": 0.5, "steps": [0.5, 1.0], "min_requests": 12, "min_stage_seconds": 0.0,
+        "max_latency_ratio": 50.0, "max_error_rate_increase": 0.3, "max_noise_rate_increase": 0.5,
+        "max_confidence_drop": 5.0}
+
+
+class Env:
+    def __init__(self, client: TestClient, server: ModelServer, plane: ControlPlane, root: Path) -> None:
+        self.client, self.server, self.plane, self.root = client, server, plane, root
+        self.n = 0
+
+    def ask(self, model: str = "support", user: str | None = None, text: str | None = None) -> Any:
+        self.n += 1
+        body = {"model": model, "prompt": label_prompt(text or f"request number {self.n}"), "max_tokens": 3,
+                "temperature": 0}
+        if user is not None:
+            body["user"] = user
+        return self.client.post("/v1/completions", json=body)
+
+    def step(self) -> list[dict[str, Any]]:
+        self.client.portal.call(self.server.drain)  # type: ignore[union-attr]
+        return self.client.portal.call(self.plane.step)  # type: ignore[union-attr]
+
+    def version(self, key: str) -> VersionState:
+        name, v = key.split("@v")
+        return self.plane.registry.get(name, int(v)).state
+
+
+def corrupt(src: Path, dest: Path, how: str) -> Path:
+    """A copy of an adapter whose weights were damaged after any gate could see them."""
+    shutil.copytree(src, dest)
+    f = dest / "adapter_model.safetensors"
+    tensors = load_file(f)
+    fill = float("nan") if how == "nan" else None
+    tensors = {k: (torch.full_like(t, fill) if fill is not None else t * 1000) for k, t in tensors.items()}
+    save_file(tensors, f)
+    return dest
+
+
+@pytest.fixture
+def env(tiny_dir: Path, lora_all: Path, tmp_path: Path) -> Iterator[Env]:
+    root = tmp_path / "adapters"
+    root.mkdir()
+    shutil.copytree(lora_all, root / "v1")
+    (root / "data.jsonl").write_text(json.dumps({"text": "hello there", "label": "greeting"}) + "\n")
+    settings = load_settings(
+        model={"base_model": str(tiny_dir), "served_name": "tiny"},
+        adapters={"store_dir": str(tmp_path / "store"), "roots": [str(root)]},
+        monitor={"state_dir": str(tmp_path / "monitor")},
+        registry={"path": str(tmp_path / "registry.db"), "artifacts": str(tmp_path / "artifacts"), "refresh_s": 0.001},
+        controller={"enabled": False, "rollout": PLAN,
+                    "refresh": {"min_labelled": 5, "cooldown_s": 0, "work_dir": str(tmp_path / "refresh")}})
+    calls: list[dict[str, Any]] = []
+
+    def stub_tune_runner(cfg: Any, data_path: str, name: str, **kw: Any) -> dict[str, Any]:
+        """Stub for the tuning job: records its input and returns a prepared adapter as a passing candidate."""
+        calls.append({"data": Path(data_path).read_text(), "name": name, **kw})
+        out = Path(kw["work_dir"]) / "candidate"
+        if not out.exists():
+            shutil.copytree(root / "v2", out)
+        return {"status": "passed", "path": str(out), "gate": {"passed": True, "failures": []},
+                "card": {"data": {"data_hash": "stub"}}, "train": {}, "run_id": "stub"}
+
+    plane = ControlPlane(settings, tune_runner=stub_tune_runner)
+    server = ModelServer(settings, control=plane)
+    with TestClient(build_app(LocalClient(server, None, plane), settings.server)) as client:
+        e = Env(client, server, plane, root)
+        e.tune_calls = calls  # type: ignore[attr-defined]
+        yield e
+    server.shutdown()
+    plane.registry.close()
+
+
+def _first_version(env: Env) -> None:
+    r = env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "v1"),
+                                                       "data_path": str(env.root / "data.jsonl")})
+    assert r.status_code == 201, r.text
+    assert r.json()["key"] == "support@v1" and r.json()["state"] == "candidate"
+    r = env.client.post("/v1/rollouts/support", json={"candidate": "support@v1"})
+    assert r.status_code == 201 and r.json()["state"] == "stable", r.text
+
+
+def test_alias_shadow_canary_promote_with_sticky_callers(env: Env, lora_other: Path) -> None:
+    _first_version(env)
+    r = env.ask()
+    assert r.status_code == 200 and r.headers["x-tsugiki-version"] == "support@v1"
+    models = {m["id"]: m for m in env.client.get("/v1/models").json()["data"]}
+    assert models["support"]["routes"] == {"support@v1": 1.0}
+
+    shutil.copytree(lora_other, env.root / "v2")
+    assert env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "v2")}
+                           ).json()["key"] == "support@v2"
+    r = env.client.post("/v1/rollouts/support", json={"candidate": "support@v2"})
+    assert r.json()["stage"] == 0 and env.version("support@v2") == VersionState.shadow
+    # shadow: answers still come from v1 only, while half the requests are copied to v2
+    served = {env.ask().headers["x-tsugiki-version"] for _ in range(30)}
+    assert served == {"support@v1"}
+    d = env.step()[0]
+    assert d["action"] == "advance", d["reason"]
+    shadow_rows = env.plane.registry.outcomes("support@v2", shadow=True)
+    assert 12 <= len(shadow_rows) <= 30 and all(r["agree"] is not None for r in shadow_rows)
+
+    # canary 50%: sticky per caller, and both versions answer
+    got = {u: env.ask(user=u).headers["x-tsugiki-version"] for u in (f"user-{i}" for i in range(40))}
+    assert set(got.values()) == {"support@v1", "support@v2"}
+    assert all(env.ask(user=u).headers["x-tsugiki-version"] == v for u, v in list(got.items())[:10])
+    assert env.version("support@v2") == VersionState.canary
+    assert env.step()[0]["action"] == "advance"
+
+    # 100%: every caller on v2; compared with what v1 did during the 50% step
+    assert {env.ask(user=f"user-{i}").headers["x-tsugiki-version"] for i in range(20)} == {"support@v2"}
+    decision = env.step()[0]
+    assert decision["action"] == "promote", decision
+    assert env.version("support@v2") == VersionState.stable and env.version("support@v1") == VersionState.retired
+    assert env.plane.registry.get_alias("support").routes == {"support@v2": 1.0}
+    kinds = [e["kind"] for e in env.client.get("/v1/registry/events?alias=support&limit=1000").json()["data"]]
+    assert kinds.count("rollout_decision") >= 3
+    metrics = env.client.get("/metrics").text
+    assert metric_value(metrics, "tsugiki_rollouts_finished_total", alias="support", outcome="promoted") == 1
+    assert metric_value(metrics, "tsugiki_rollout_weight", alias="support", version="support@v2") == 1
+
+
+def test_broken_candidate_is_rolled_back_automatically(env: Env, lora_other: Path) -> None:
+    _first_version(env)
+    corrupt(lora_other, env.root / "bad", "nan")
+    env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "bad")})
+    plan = env.plane.rollouts.plan
+    env.plane.rollouts.plan = plan.model_copy(update={"shadow_share": 0.0})
+    r = env.client.post("/v1/rollouts/support", json={"candidate": "support@v2"})
+    assert r.json()["stage"] == 1, r.text
+    codes = [env.ask(user=f"u{i}").status_code for i in range(30)]
+    assert 0 < codes.count(200) < 30  # the canary's half fails: its weights do not load
+    d = env.step()[0]
+    assert d["action"] == "rollback" and "error" in d["reason"], d
+    assert env.version("support@v2") == VersionState.rolled_back
+    assert env.plane.registry.get_alias("support").routes == {"support@v1": 1.0}
+    assert all(env.ask(user=f"u{i}").status_code == 200 for i in range(10))
+
+
+def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other: Path) -> None:
+    _first_version(env)
+    shutil.copytree(lora_other, env.root / "v2")
+    # refresh with no labelled traffic: skipped, with the reason
+    r = env.client.post("/v1/alerts/alertmanager", json={"version": "4", "status": "firing", "alerts": [
+        {"status": "firing", "labels": {"alertname": "TsugikiDriftDetected", "adapter": "support@v1"}}]})
+    assert r.status_code == 200 and r.json()["results"][0]["accepted"] is True, r.text
+    env.step()
+    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+    ref = env.plane.registry.refreshes("support")[-1]
+    assert ref.state == "skipped" and "0 labelled captures" in ref.detail["why"]
+
+    assert env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100}).status_code == 200
+    for i in range(8):
+        r = env.ask(text=f"where is my parcel {i}")
+        fb = env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "track_parcel"})
+        assert fb.status_code == 201, fb.text
+    assert env.client.post("/v1/feedback", json={"request_id": "x"}).status_code == 400
+    env.client.portal.call(env.server.drain)  # type: ignore[union-attr]
+    r = env.client.post("/v1/refresh/support", json={"reason": "test"})
+    assert r.status_code == 202, r.text
+    assert env.client.post("/v1/refresh/support", json={}).json()["accepted"] is False  # one at a time
+    env.step()
+    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+    ref = env.plane.registry.refreshes("support")[-1]
+    assert ref.state == "done" and ref.candidate == "support@v2", ref
+    data = env.tune_calls[-1]["data"]  # type: ignore[attr-defined]
+    assert '"label": "greeting"' in data and data.count('"label": "track_parcel"') == 8
+    assert env.tune_calls[-1]["to_store"] is False  # type: ignore[attr-defined]
+
+    # the controller "restarts": a new control plane over the same registry file continues
+    env.step()  # starts the candidate's rollout
+    ro = env.plane.registry.get_rollout("support")
+    assert ro is not None and ro.candidate == "support@v2" and ro.stage == 0
+    fresh = ControlPlane(env.plane.settings, registry=env.plane.registry)
+    assert fresh.rollouts.status("support")["rollout"]["stage"] == 0
+    assert len(env.plane.registry.feedback(alias="support")) == 8
