@@ -67,7 +67,7 @@ class Stage:
 def demo_settings(home: Path, quick: bool) -> dict[str, Any]:
     """Settings for the demo: small drift reference, a rollout plan sized to a laptop's traffic."""
     tune = {"epochs": 2 if quick else 3, "num_layers": 2 if quick else 4, "max_eval_examples": 120,
-            "num_cpus": 2, "gate": {"max_negative_flip_rate": 0.15, "max_family_drop": 0.4}}
+            "num_cpus": 2, "gate": {"max_negative_flip_rate": 0.15, "max_family_drop": 0.6}}
     return {
         "adapters": {"store_dir": str(home / "store"), "roots": [str(home / "work")]},
         "monitor": {"state_dir": str(home / "monitor"), "drift": {"ert": 2000, "reference_size": 100}},
@@ -82,7 +82,7 @@ def demo_settings(home: Path, quick: bool) -> dict[str, Any]:
                         "min_stage_seconds": 0.0, "max_error_rate_increase": 0.15, "max_noise_rate_increase": 0.3,
                         "max_accuracy_drop": 0.15, "max_confidence_drop": 1.0, "max_latency_ratio": 3.0,
                         "min_feedback": 20},
-            "refresh": {"min_labelled": 60, "cooldown_s": 0.0, "work_dir": str(home / "refresh"), "tune": tune},
+            "refresh": {"min_labelled": 60, "work_dir": str(home / "refresh"), "tune": tune},
         },
     }
 
@@ -197,10 +197,12 @@ def run(args: Any) -> dict[str, Any]:
     with Stage(summary, "start Ray Serve (gateway, model, monitor, controller)"):
         app = build_application(settings)
         # Logical CPUs beyond the physical ones: the tuning task declares 2 CPUs while the replicas hold theirs.
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(app, name="tsugiki", route_prefix="/")
+        # quiet replicas: warnings and errors only, no access log (the demo prints its own progress)
+        serve.run(app, name="tsugiki", route_prefix="/",
+                  logging_config={"log_level": "WARNING", "enable_access_log": False})
         url = f"http://127.0.0.1:{args.port}"
         traffic = Traffic(url)
 
@@ -252,11 +254,20 @@ def run(args: Any) -> dict[str, Any]:
             log(f"   drift alarm after {len(sent)} shifted requests; refresh requested")
 
         with Stage(summary, "refresh: tune a robust candidate on v1's data + labelled traffic, gate it"):
+            t_refresh = time.time()
+            shown = [0.0]
+
             def refresh_done() -> Any:
                 refs = traffic.get("/v1/refreshes")["data"]
                 last = refs[-1] if refs else None
                 if last and last["state"] == "skipped":
                     more()  # not enough labelled traffic yet: keep sending; the next alarm retries
+                if last and time.time() - shown[0] >= 20:
+                    shown[0] = time.time()
+                    counts = last["detail"].get("counts") or {}
+                    log(f"   refresh {last['id']} {last['state']} for {time.time() - t_refresh:.0f} s "
+                        f"(training data: {counts.get('original', '?')} original + "
+                        f"{counts.get('labelled_captures', '?')} labelled captures)")
                 return last if last and last["state"] in ("done", "rejected", "failed") else None
 
             last = until(refresh_done, timeout=1800, what="the refresh to finish", every=3.0)
@@ -298,10 +309,11 @@ def run(args: Any) -> dict[str, Any]:
             log(f"   {v2} promoted; versions: {versions}")
 
         with Stage(summary, "accuracy after, on held-out test queries"):
-            after_new = traffic.send(new_test, what="new-domain test queries")
-            after_old = traffic.send(old_test, what="old-domain test queries")
-            summary["accuracy_new_after"] = accuracy(after_new)
-            summary["accuracy_old_after"] = accuracy(after_old)
+            # interleaved, as live traffic now is (v2's drift reference is its first requests, which were mixed)
+            after = traffic.send([x for pair in zip(new_test, old_test) for x in pair], what="held-out test queries")
+            new_intents = {i for _, i in new_train}
+            summary["accuracy_new_after"] = accuracy([r for r in after if r["label"] in new_intents])
+            summary["accuracy_old_after"] = accuracy([r for r in after if r["label"] not in new_intents])
 
         if not args.skip_bad_candidate:
             with Stage(summary, "a corrupted candidate: automatic rollback"):
@@ -372,11 +384,17 @@ def bad_candidate(traffic: Traffic, home: Path, stable: str, mixed: list[tuple[s
 
     ro = until(finished, timeout=900, what="the bad candidate's rollout to end", between=more)
     exposed = [r for r in served if r["version"] == rec["key"]]
-    out = {"candidate": rec["key"], "outcome": ro["state"], "requests_total": len(served),
+    decision = ro.get("last_decision") or {}
+    # how many of the candidate's answers (shadow copies or canary answers) the decision was based on
+    n_evidence = max((int(c.get("n_candidate") or 0) for c in decision.get("checks", {}).values()), default=0)
+    stage = "shadow" if ro.get("stage") == 0 else f"canary step {ro.get('stage')}"
+    out = {"candidate": rec["key"], "outcome": ro["state"], "caught_in": stage, "requests_total": len(served),
            "requests_answered_by_candidate": len(exposed),
            "share_of_traffic_exposed": round(len(exposed) / max(1, len(served)), 3),
-           "candidate_accuracy": accuracy(exposed), "reason": (ro.get("last_decision") or {}).get("reason")}
-    log(f"   {rec['key']} {ro['state']}: answered {len(exposed)} of {len(served)} requests")
+           "evidence_requests": n_evidence, "candidate_accuracy": accuracy(exposed),
+           "reason": decision.get("reason")}
+    log(f"   {rec['key']} {ro['state']} in the {stage} stage: answered {len(exposed)} of {len(served)} user "
+        f"requests; the decision used {n_evidence} of its answers")
     return out
 
 
@@ -395,9 +413,10 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"\ndrift alarm after {s['drift']['requests_after_shift']} shifted requests")
     if "bad_candidate" in s:
         b = s["bad_candidate"]
-        print(f"corrupted candidate {b['candidate']}: {b['outcome']} after answering "
-              f"{b['requests_answered_by_candidate']} of {b['requests_total']} requests "
-              f"({b['share_of_traffic_exposed']:.1%} of traffic); {b['reason']}")
+        print(f"corrupted candidate {b['candidate']}: {b['outcome']} in the {b['caught_in']} stage after answering "
+              f"{b['requests_answered_by_candidate']} of {b['requests_total']} user requests "
+              f"({b['share_of_traffic_exposed']:.1%} of traffic; {b['evidence_requests']} of its answers judged): "
+              f"{b['reason']}")
     if "controller_restart" in s:
         c = s["controller_restart"]
         print(f"controller killed at stage {c['stage_before']}, came back at stage {c['stage_after']} "

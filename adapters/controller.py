@@ -99,6 +99,8 @@ class RolloutController:
         baseline = full[0]
         if baseline == candidate:
             raise InvalidRequestError(f"{candidate} already serves alias {alias!r}", param="candidate")
+        for outcome in ("promoted", "rolled_back"):  # at 0 from the start: the first rollback is an increase
+            self.metrics.finished.labels(alias, outcome)
         ro = self.registry.start_rollout(alias, candidate, baseline, plan=plan.model_dump(mode="json"), actor=actor)
         first = 0 if plan.shadow_share > 0 else 1
         ro = self.registry.update_rollout(ro.id, stage=first, evidence={"stage_started": self.clock()}, actor=actor)

@@ -175,11 +175,14 @@ class _Auth:
 
 
 def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegistry | None = None,
-              echo_request_id: bool = True) -> FastAPI:
+              echo_request_id: bool = True, own_metrics_in_texts: bool = False) -> FastAPI:
     """The gateway's FastAPI app over ``client``.
 
     ``echo_request_id=False`` under Ray Serve, whose proxy already sets ``x-request-id`` on every response
-    (to the id it put on the request, which this app adopts).
+    (to the id it put on the request, which this app adopts). ``own_metrics_in_texts``: this app's request
+    metrics reach ``client.metrics_texts()`` already (every gateway replica pushes them to the telemetry hub),
+    so ``/metrics`` serves only those: whichever gateway replica a scrape reaches, it sees every replica's
+    counters, each labelled with its replica, instead of one replica's counters jumping between scrapes.
     """
     app = FastAPI(title="tsugiki", docs_url=None, redoc_url=None)
     registry = registry or CollectorRegistry()
@@ -201,6 +204,14 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         except TsugikiError:
             pass  # no controller: no aliases
         return set(state["aliases"])
+
+    async def routed_versions() -> set[str]:
+        """Version keys (name@vN) the aliases route or shadow to: the monitor's labels for alias traffic."""
+        try:
+            aliases = await client.control("aliases")
+        except TsugikiError:
+            return set()
+        return {k for a in aliases for k in a["routes"]} | {a["shadow"] for a in aliases if a["shadow"]}
 
     async def label_for(model: str) -> str:
         # Bounded labels: the base model, adapter names known to the store, aliases, else "unknown".
@@ -258,7 +269,7 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
             texts = {}
         remote_texts.clear()
         remote_texts.update(texts)
-        body = generate_latest(registry) + generate_latest(merged)
+        body = generate_latest(merged) if own_metrics_in_texts else generate_latest(registry) + generate_latest(merged)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     # ---- models and adapters ---------------------------------------------------------------------------------
@@ -342,9 +353,9 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
     @app.get("/v1/monitor/adapters/{name}")
     async def monitor_adapter(name: str, request: Request) -> dict[str, Any]:
         auth.inference(request)
-        if await label_for(name) == "unknown":
-            raise NotFoundError(f"{name!r} is neither the base model nor a loaded adapter", param="name",
-                                code="model_not_found")
+        if await label_for(name) == "unknown" and name not in await routed_versions():
+            raise NotFoundError(f"{name!r} is neither the base model, a loaded adapter nor a version an alias "
+                                "routes to", param="name", code="model_not_found")
         return await client.monitor_status(name)
 
     @app.post("/v1/monitor/adapters/{name}/reset")

@@ -278,8 +278,9 @@ class RayClient:
 
 @serve.deployment(name="Gateway", max_ongoing_requests=1024)
 @serve.ingress()
-class Gateway:
-    """HTTP ingress: the OpenAI-compatible API over the LLMServer deployment."""
+class Gateway(_PushesMetrics):
+    """HTTP ingress: the OpenAI-compatible API over the LLMServer deployment. Its request metrics go to the
+    telemetry hub like every replica's, so any gateway replica's ``/metrics`` shows all of them."""
 
     def __init__(self, llm: DeploymentHandle, monitor: DeploymentHandle, settings: dict[str, Any],
                  controller: DeploymentHandle | None = None) -> None:
@@ -289,8 +290,10 @@ class Gateway:
         self._settings = Settings.model_validate(settings)
 
     def __serve_build_asgi_app__(self) -> Any:
+        self.registry = CollectorRegistry()
+        self._start_push("gateway")
         return build_app(RayClient(self._llm, self._monitor, self._controller), self._settings.server,
-                         echo_request_id=False)
+                         registry=self.registry, echo_request_id=False, own_metrics_in_texts=True)
 
 
 def resolved_settings(settings: Settings) -> dict[str, Any]:

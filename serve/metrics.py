@@ -41,6 +41,9 @@ class GatewayMetrics:
                                          registry=registry)
         self.adapter_ops = Counter("tsugiki_adapter_operations", "Adapter management operations by kind and outcome.",
                                    ["op", "outcome"], registry=registry)
+        for op in ("load", "unload"):  # present at 0, so the first failure is an increase alerts can see
+            for outcome in ("success", "error"):
+                self.adapter_ops.labels(op, outcome)
 
 
 class EngineMetrics:

@@ -82,18 +82,27 @@ class Refresher:
         """Ask for a refresh (idempotent while one is active; rate-limited by ``cooldown_s`` unless ``force``)."""
         if not self.config.enabled and not force:
             return {"alias": alias, "accepted": False, "why": "refresh is disabled (refresh.enabled)"}
+        rollout = self.registry.get_rollout(alias)
+        if rollout is not None and not force:
+            # mid-rollout the alias's traffic is already moving to a retrained version: judge that one first
+            self.metrics.refreshes.labels(alias, "rate_limited").inc()
+            return {"alias": alias, "accepted": False,
+                    "why": f"rollout {rollout.id} of {rollout.candidate} is {rollout.state.value}; refresh after it "
+                           "ends"}
         active = self.registry.refreshes(alias, active_only=True)
         if active:
             return {"alias": alias, "accepted": False, "refresh": active[-1].id,
                     "why": f"refresh {active[-1].id} is already {active[-1].state}"}
-        if not force:
-            done = [r for r in self.registry.refreshes(alias) if not r.active]
+        if not force:  # a skipped refresh trained nothing: it does not hold the next one back
+            done = [r for r in self.registry.refreshes(alias) if not r.active and r.state != "skipped"]
             if done and self.clock() - done[-1].updated < self.config.cooldown_s:
                 wait = self.config.cooldown_s - (self.clock() - done[-1].updated)
                 self.metrics.refreshes.labels(alias, "rate_limited").inc()
                 return {"alias": alias, "accepted": False,
                         "why": f"refresh {done[-1].id} finished {self.clock() - done[-1].updated:.0f} s ago; "
                                f"next one allowed in {wait:.0f} s (refresh.cooldown_s)"}
+        for outcome in ("done", "rejected", "skipped", "failed"):  # at 0, so the first failure is an increase
+            self.metrics.refreshes.labels(alias, outcome)
         ref, new = self.registry.request_refresh(alias, reason=reason, source=source)
         if new:
             self.metrics.refreshes.labels(alias, "requested").inc()

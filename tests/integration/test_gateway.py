@@ -66,6 +66,8 @@ def test_adapter_hot_load_unload_and_per_adapter_metrics(gateway: Gateway, real_
     t1 = client.completions.create(model="lora1", **prompt).choices[0].text
     assert t0 != base_text and t1 != base_text and t0 != t1
     wait_for(lambda: metric(gateway, "tsugiki_adapters_loaded") >= 2)
+    # gateway replicas push their request metrics to the hub like model replicas (every 2 s)
+    wait_for(lambda: metric(gateway, "tsugiki_requests_total", adapter="lora1", outcome="success") == 1)
     assert metric(gateway, "tsugiki_requests_total", adapter="lora0", outcome="success") == 1
     assert metric(gateway, "tsugiki_completion_tokens_total", adapter="lora1") == 8
     assert metric(gateway, "tsugiki_time_to_first_token_seconds_count", adapter="lora0") == 1

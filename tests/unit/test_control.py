@@ -199,6 +199,10 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     env.step()  # starts the candidate's rollout
     ro = env.plane.registry.get_rollout("support")
     assert ro is not None and ro.candidate == "support@v2" and ro.stage == 0
+    # drift during a rollout does not start another retraining
+    r = env.client.post("/v1/alerts/alertmanager", json={"alerts": [
+        {"status": "firing", "labels": {"alertname": "TsugikiDriftDetected", "alias": "support"}}]})
+    assert r.json()["results"][0]["accepted"] is False and "refresh after it ends" in r.json()["results"][0]["why"]
     fresh = ControlPlane(env.plane.settings, registry=env.plane.registry)
     assert fresh.rollouts.status("support")["rollout"]["stage"] == 0
     assert len(env.plane.registry.feedback(alias="support")) == 8
