@@ -31,7 +31,7 @@ from tsugiki.adapters.controller import RolloutController, RolloutMetrics
 from tsugiki.adapters.registry import Registry, VersionState, parse_key
 from tsugiki.adapters.routing import snapshot
 from tsugiki.config import Settings
-from tsugiki.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from tsugiki.errors import InvalidRequestError, NotFoundError, PermissionDeniedError, TsugikiError
 from tsugiki.tuning.refresh import Refresher, RefreshMetrics
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class ControlPlane:
     def __init__(self, settings: Settings, *, registry: Registry | None = None,
                  monitor_events: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
                  monitor_alarms: Callable[[], Awaitable[dict[str, bool]]] | None = None,
+                 monitor_reset: Callable[[str], Awaitable[Any]] | None = None,
                  tune_runner: Callable[..., dict[str, Any]] | None = None, base_fingerprint: str = "",
                  metrics_registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
@@ -70,6 +71,7 @@ class ControlPlane:
                                    base_fingerprint=base_fingerprint, metrics=RefreshMetrics(self.metrics_registry))
         self.monitor_events = monitor_events
         self.monitor_alarms = monitor_alarms
+        self.monitor_reset = monitor_reset
         self.roots = settings.adapter_roots()
         self._refresh_task: asyncio.Task[Any] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -105,6 +107,7 @@ class ControlPlane:
                 logger.warning(f"monitor unreachable for alarm states: {type(e).__name__}")
         await self._poll_drift_events()
         self.last_tick = await asyncio.to_thread(self.rollouts.tick)
+        await self._clear_alarms_of_finished_versions()
         self._run_refreshes()
         await asyncio.to_thread(self._roll_out_new_candidates)
         return self.last_tick
@@ -128,6 +131,24 @@ class ControlPlane:
                 logger.info("drift alarm", extra={"alias": alias, **{k: v for k, v in res.items() if k != "alias"}})
         if new:
             await asyncio.to_thread(self.registry.set_value, DRIFT_CURSOR, float(new[-1]["time"]))
+
+    async def _clear_alarms_of_finished_versions(self) -> None:
+        """A retired or rolled-back version serves nobody: its drift alarm is acknowledged (else the alert on it
+        would keep firing, and keep asking for refreshes, forever)."""
+        if self.monitor_reset is None:
+            return
+        for label in [k for k, on in self._alarms.items() if on and "@v" in k]:
+            try:
+                rec = await asyncio.to_thread(self.registry.get, *parse_key(label))
+            except TsugikiError:
+                continue  # not a registry version
+            if rec.state in (VersionState.retired, VersionState.rolled_back):
+                try:
+                    await self.monitor_reset(label)
+                    self._alarms[label] = False
+                    logger.info("drift alarm acknowledged", extra={"adapter": label, "state": rec.state.value})
+                except Exception as e:
+                    logger.warning(f"monitor unreachable to acknowledge {label}: {type(e).__name__}")
 
     def alias_of(self, label: str) -> str | None:
         """The alias a monitor label belongs to: the alias itself, or the alias whose stable route it is."""

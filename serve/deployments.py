@@ -128,7 +128,7 @@ class ControllerDeployment(_PushesMetrics):
 
     def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None) -> None:
         cfg = Settings.model_validate(settings)
-        events = alarms = None
+        events = alarms = reset = None
         if monitor is not None:
             async def events() -> list[dict[str, Any]]:
                 return await monitor.events.remote(None, 200)  # type: ignore[no-any-return]
@@ -136,7 +136,10 @@ class ControllerDeployment(_PushesMetrics):
             async def alarms() -> dict[str, bool]:
                 return await monitor.alarms.remote()  # type: ignore[no-any-return]
 
-        self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms)
+            async def reset(label: str) -> Any:
+                return await monitor.reset.remote(label)
+
+        self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms, monitor_reset=reset)
         self.registry = self.plane.metrics_registry
         self._start_push("controller")
         if cfg.controller.enabled:
