@@ -92,12 +92,6 @@ def _quantile(q: float, histogram: str, *, by: str = "", match: str = "") -> str
     return f"histogram_quantile({q}, sum by ({labels}) ({_rate(_sel(histogram + '_bucket', match))}))"
 
 
-def _mean(histogram: str, *, by: str, match: str = "") -> str:
-    """Mean of a histogram's observations over ``$__rate_interval``: rate(sum) / rate(count)."""
-    return (f"sum by ({by}) ({_rate(_sel(histogram + '_sum', match))})"
-            f" / sum by ({by}) ({_rate(_sel(histogram + '_count', match))})")
-
-
 def _flagged_share(match: str = "") -> str:
     """Share of requests with a noise score above 1, per version: 1 - (bucket le=1) / count.
 
@@ -389,10 +383,11 @@ def adapter() -> dash.Dashboard:
                                   Q(f"sum by (adapter) ({_rate(_sel('tsugiki_completion_tokens_total', called))})",
                                     "{{adapter}} completion")])))
     d = (d.with_row(dash.Row("Versions served: $version (replicas and monitor)"))
-         .with_panel(_timeseries("Output confidence", "Mean log-probability of the output tokens (closer to 0 "
-                                 "is more confident): rate(sum) / rate(count) of the per-request histogram.",
-                                 [Q(_mean("tsugiki_output_confidence_logprob", by="adapter", match=served),
-                                    "{{adapter}}")], max_val=0))
+         .with_panel(_timeseries("Output confidence", "Median and 10th percentile of the per-request mean "
+                                 "log-probability of the output tokens (closer to 0 is more confident). Quantiles, "
+                                 "not a mean: a histogram with negative buckets exports no _sum (OpenMetrics).",
+                                 [Q(_quantile(q, "tsugiki_output_confidence_logprob", by="adapter", match=served),
+                                    f"{{{{adapter}}}} p{round(q * 100)}") for q in (0.5, 0.1)], max_val=0))
          .with_panel(_timeseries("Noise score", "Per-request noise score quantiles (>= 1 means flagged).",
                                  [Q(_quantile(q, "tsugiki_noise_score", by="adapter", match=served),
                                     f"{{{{adapter}}}} p{round(q * 100)}") for q in (0.5, 0.95)], min_val=0))
@@ -461,9 +456,10 @@ def drift_noise() -> dash.Dashboard:
                             .steps(64))
                      .y_axis(heatmap.YAxisConfig().unit("short"))
                      .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE)))
-         .with_panel(_timeseries("Output confidence", "Mean log-probability of output tokens per version.",
-                                 [Q(_mean("tsugiki_output_confidence_logprob", by="adapter"),
-                                    "{{adapter}}")], max_val=0))
+         .with_panel(_timeseries("Output confidence", "Median per-request mean log-probability of output tokens "
+                                 "per version (a histogram with negative buckets exports no _sum, so no mean).",
+                                 [Q(_quantile(0.5, "tsugiki_output_confidence_logprob", by="adapter"),
+                                    "{{adapter}} p50")], max_val=0))
          # fallback: perplexity is measured on a sampled share of requests (engine prompt_perplexity_sample), so
          # a quiet system may have no sample yet; NaN, not a made-up 0, is what Grafana draws as a gap.
          .with_panel(_timeseries("Prompt perplexity", "Perplexity of prompts under the served model (sampled).",
