@@ -133,7 +133,8 @@ def _describe_validation(e: ValidationError) -> tuple[str, str | None]:
     return msg, (str(first["loc"][0]) if first["loc"] else None)
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
+async def json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
     raw = await request.body()
     try:
         data = json.loads(raw)
@@ -141,6 +142,11 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    return data
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    data = await json_object(request)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -447,14 +453,7 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
     @app.post("/v1/alerts/alertmanager")
     async def alertmanager(request: Request) -> dict[str, Any]:
         auth.admin(request)  # Alertmanager sends it with http_config.authorization (deploy/alertmanager)
-        raw = await request.body()
-        try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from e
-        if not isinstance(payload, dict):
-            raise InvalidRequestError("an Alertmanager webhook payload is a JSON object")
-        return await client.control("alertmanager", payload)  # type: ignore[no-any-return]
+        return await client.control("alertmanager", await json_object(request))  # type: ignore[no-any-return]
 
     # ---- inference -------------------------------------------------------------------------------------------
     async def run(request: Request, body: CompletionRequest | ChatRequest, chat: bool) -> Response:

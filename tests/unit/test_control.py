@@ -190,6 +190,11 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     ref = env.plane.registry.refreshes("support")[-1]
     assert ref.state == "skipped" and "0 labelled captures" in ref.detail["why"]
 
+    bad = env.client.post("/v1/alerts/alertmanager", content=b"not json")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    bad = env.client.post("/v1/alerts/alertmanager", json={"alerts": "x"})
+    assert bad.status_code == 400 and "'alerts' list" in bad.json()["error"]["message"]
+    assert env.client.post("/v1/rollouts/support/explode").status_code == 404
     assert env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100}).status_code == 200
     for i in range(8):
         r = env.ask(text=f"where is my parcel {i}")
