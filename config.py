@@ -121,7 +121,8 @@ class RefreshConfig(_Frozen):
 class ControllerConfig(_Frozen):
     """The rollout and refresh controller."""
 
-    enabled: bool = Field(default=True, description="Run the controller deployment at all.")
+    enabled: bool = Field(default=True, description="Run the rollout and refresh loop (the deployment always "
+                                                    "serves the registry: aliases, feedback, operator calls).")
     tick_s: float = Field(default=2.0, gt=0, description="Seconds between rollout decisions.")
     rollout: RolloutPlan = RolloutPlan()
     refresh: RefreshConfig = RefreshConfig()

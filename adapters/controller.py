@@ -16,7 +16,9 @@ written first (``evidence.finishing``), so a restart completes a promotion or ro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,10 +72,17 @@ class RolloutController:
         self.metrics = metrics or RolloutMetrics(CollectorRegistry())
         self.clock = clock
         self._last_wait: dict[int, tuple[str, float]] = {}
+        # One decision at a time: a tick and an operator's promote/rollback must not interleave their writes.
+        self._lock = threading.RLock()
 
     # ---- starting ------------------------------------------------------------------------------------------------
     def start(self, alias: str, candidate: str, *, plan: RolloutPlan | None = None,
               actor: str = "system") -> dict[str, Any]:
+        with self._lock:
+            return self._start(alias, candidate, plan=plan, actor=actor)
+
+    def _start(self, alias: str, candidate: str, *, plan: RolloutPlan | None = None,
+               actor: str = "system") -> dict[str, Any]:
         """Start rolling ``candidate`` (a version key) out on ``alias``.
 
         The baseline is the version the alias fully routes to now. An alias that does not exist yet is created
@@ -101,9 +110,10 @@ class RolloutController:
             raise InvalidRequestError(f"{candidate} already serves alias {alias!r}", param="candidate")
         for outcome in ("promoted", "rolled_back"):  # at 0 from the start: the first rollback is an increase
             self.metrics.finished.labels(alias, outcome)
-        ro = self.registry.start_rollout(alias, candidate, baseline, plan=plan.model_dump(mode="json"), actor=actor)
-        first = 0 if plan.shadow_share > 0 else 1
-        ro = self.registry.update_rollout(ro.id, stage=first, evidence={"stage_started": self.clock()}, actor=actor)
+        # the first stage is written with the row: a crash right after it leaves a consistent rollout
+        ro = self.registry.start_rollout(alias, candidate, baseline, plan=plan.model_dump(mode="json"),
+                                         stage=0 if plan.shadow_share > 0 else 1,
+                                         evidence={"stage_started": self.clock()}, actor=actor)
         self._ensure(ro, actor=actor)
         return {"alias": alias, "candidate": candidate, "baseline": baseline, "state": "running", "rollout": ro.id,
                 "stage": ro.stage}
@@ -111,6 +121,10 @@ class RolloutController:
     # ---- the loop ------------------------------------------------------------------------------------------------
     def tick(self) -> list[dict[str, Any]]:
         """Decide on every running rollout once; returns what was decided (waits included)."""
+        with self._lock:
+            return self._tick()
+
+    def _tick(self) -> list[dict[str, Any]]:
         out = []
         for alias in self.registry.aliases():
             ro = self.registry.get_rollout(alias.alias)
@@ -147,9 +161,10 @@ class RolloutController:
         if d.action == "advance":
             now = self.clock()
             ev: dict[str, Any] = {"stage_started": now, "last": d.to_json()}
-            if RolloutPlan(**ro.plan).steps[ro.stage] >= 1.0:
-                # The candidate now serves everything: the baseline's evidence is what it did in the last split.
-                ev["baseline_since"] = started
+            if RolloutPlan(**ro.plan).steps[ro.stage] >= 1.0 and base is not None:
+                # The candidate now serves everything: the baseline's evidence is what it did in the last split,
+                # kept in the rollout row (outcome rows are pruned; the row stays).
+                ev["baseline_evidence"] = dataclasses.asdict(base)
             ro = self.registry.update_rollout(ro.id, stage=ro.stage + 1, actor="controller", evidence=ev)
             self._ensure(ro, actor="controller")
             summary["stage"] = ro.stage
@@ -164,8 +179,10 @@ class RolloutController:
         cand = VersionEvidence.from_records(cand_rows, drift_alarm=self._drift(ro.candidate))
         if ro.baseline is None:
             return cand, None
-        base_since = float(ro.evidence.get("baseline_since", since))
-        base_rows = self.registry.outcomes(ro.baseline, since=base_since, shadow=False)
+        kept = ro.evidence.get("baseline_evidence")
+        if kept is not None:
+            return cand, VersionEvidence(**{**kept, "drift_alarm": self._drift(ro.baseline)})
+        base_rows = self.registry.outcomes(ro.baseline, since=since, shadow=False)
         return cand, VersionEvidence.from_records(base_rows, drift_alarm=self._drift(ro.baseline))
 
     def _drift(self, key: str) -> bool:
@@ -214,8 +231,11 @@ class RolloutController:
     def _finish(self, ro: Rollout, how: str, *, actor: str, reason: str,
                 decision: Decision | None = None) -> dict[str, Any]:
         """Promote (candidate takes all traffic and becomes stable, the baseline retires) or roll back (the
-        baseline takes all traffic, the candidate is rolled back). Intent first, so a restart completes it."""
-        if not ro.evidence.get("finishing"):
+        baseline takes all traffic, the candidate is rolled back). Intent first, so a restart completes it; an
+        intent already recorded wins over a later request (the first decision is the one carried out)."""
+        if ro.evidence.get("finishing"):
+            how = str(ro.evidence["finishing"])
+        else:
             ro = self.registry.update_rollout(ro.id, actor=actor, evidence={
                 **ro.evidence, "finishing": how, "finishing_reason": reason,
                 "decision": decision.to_json() if decision is not None else None})
@@ -250,23 +270,27 @@ class RolloutController:
         return ro
 
     def promote(self, alias: str, *, actor: str = "operator", reason: str = "manual promotion") -> dict[str, Any]:
-        self.metrics.decisions.labels(alias, "promote").inc()
-        return self._finish(self._active(alias), "promote", actor=actor, reason=reason)
+        with self._lock:
+            self.metrics.decisions.labels(alias, "promote").inc()
+            return self._finish(self._active(alias), "promote", actor=actor, reason=reason)
 
     def rollback(self, alias: str, *, actor: str = "operator", reason: str = "manual rollback") -> dict[str, Any]:
-        self.metrics.decisions.labels(alias, "rollback").inc()
-        return self._finish(self._active(alias), "rollback", actor=actor, reason=reason)
+        with self._lock:
+            self.metrics.decisions.labels(alias, "rollback").inc()
+            return self._finish(self._active(alias), "rollback", actor=actor, reason=reason)
 
     def pause(self, alias: str, *, actor: str = "operator") -> dict[str, Any]:
-        ro = self.registry.update_rollout(self._active(alias).id, state=RolloutState.paused, actor=actor)
-        return {"alias": alias, "rollout": ro.id, "state": ro.state.value, "stage": ro.stage}
+        with self._lock:
+            ro = self.registry.update_rollout(self._active(alias).id, state=RolloutState.paused, actor=actor)
+            return {"alias": alias, "rollout": ro.id, "state": ro.state.value, "stage": ro.stage}
 
     def resume(self, alias: str, *, actor: str = "operator") -> dict[str, Any]:
-        ro = self._active(alias)
-        # the evidence clock restarts: what happened while paused was not watched for this stage's decision
-        ro = self.registry.update_rollout(ro.id, state=RolloutState.running, actor=actor,
-                                          evidence={**ro.evidence, "stage_started": self.clock()})
-        return {"alias": alias, "rollout": ro.id, "state": ro.state.value, "stage": ro.stage}
+        with self._lock:
+            ro = self._active(alias)
+            # the evidence clock restarts: what happened while paused was not watched for this stage's decision
+            ro = self.registry.update_rollout(ro.id, state=RolloutState.running, actor=actor,
+                                              evidence={**ro.evidence, "stage_started": self.clock()})
+            return {"alias": alias, "rollout": ro.id, "state": ro.state.value, "stage": ro.stage}
 
     def status(self, alias: str) -> dict[str, Any]:
         """The alias's routes, its active (or last) rollout, and that rollout's current evidence."""

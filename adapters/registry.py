@@ -938,7 +938,8 @@ class Registry:
 
     # ---- rollouts ------------------------------------------------------------------------------------------------
     def start_rollout(self, alias: str, candidate: str, baseline: str | None = None, *,
-                      plan: Mapping[str, Any] | None = None, actor: str = "system") -> Rollout:
+                      plan: Mapping[str, Any] | None = None, stage: int = 0,
+                      evidence: Mapping[str, Any] | None = None, actor: str = "system") -> Rollout:
         """Record a new running rollout of ``candidate`` (a version key) on ``alias``, against ``baseline``.
 
         The database allows one active (running or paused) rollout per alias; a second is a :class:`ConflictError`.
@@ -957,8 +958,9 @@ class Registry:
             now = time.time()
             try:
                 cur = tx.execute("INSERT INTO rollouts (alias, candidate, baseline, stage, state, plan, evidence, "
-                                 "started, updated) VALUES (?, ?, ?, 0, ?, ?, '{}', ?, ?)",
-                                 (alias, candidate, baseline, RolloutState.running.value, plan_json, now, now))
+                                 "started, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (alias, candidate, baseline, int(stage), RolloutState.running.value, plan_json,
+                                  _dumps(evidence, "evidence"), now, now))
             except sqlite3.IntegrityError as e:
                 active = self._active_rollout(tx, alias)
                 what = f" (id {active.id}, {active.candidate}, {active.state.value})" if active else ""
@@ -1070,7 +1072,8 @@ class Registry:
         out = []
         for r in rows:
             correct: bool | None = None
-            if r["fb_score"] is not None:
+            # a score judged the served answer; a shadow row is judged only by its own output against the label
+            if r["fb_score"] is not None and not r["shadow"]:
                 correct = float(r["fb_score"]) >= 0.5
             elif r["fb_label"] is not None and r["output"] is not None:
                 correct = r["output"].strip().lower() == str(r["fb_label"]).strip().lower()

@@ -167,6 +167,10 @@ class RolloutPlan(BaseModel):
         if self.max_stage_seconds is not None and self.max_stage_seconds < self.min_stage_seconds:
             raise ValueError(f"max_stage_seconds ({self.max_stage_seconds}) is below min_stage_seconds "
                              f"({self.min_stage_seconds}); every stage would stall before it could advance")
+        if self.shadow_share == 0 and len(self.steps) == 1:
+            raise ValueError("with shadow_share 0 and the single step [1.0] the stable version never serves next to "
+                             "the candidate, so there is nothing to compare it with; add a shadow share or a canary "
+                             "step below 1.0")
         return self
 
     @property

@@ -34,6 +34,8 @@ from tsugiki.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
+SNAPSHOT_TIMEOUT_S = 2.0  # longest a request waits for a fresh alias table before using the last one
+
 
 def snapshot(registry: Registry) -> dict[str, Any]:
     """What replicas need to route: every alias, and the identity of each version an alias routes or shadows to."""
@@ -76,8 +78,8 @@ class AliasRouter:
                 self._refreshing = asyncio.Lock()
             async with self._refreshing:
                 if self._clock() - self._read_at >= self.refresh_s:
-                    try:
-                        snap = await self.source()
+                    try:  # bounded: a restarting controller must not hold up requests
+                        snap = await asyncio.wait_for(self.source(), timeout=SNAPSHOT_TIMEOUT_S)
                         self._aliases = {a["alias"]: Alias(**a) for a in snap["aliases"]}
                         self._versions = dict(snap["versions"])
                     except Exception as e:  # serve with the last table; the controller may be restarting
@@ -122,13 +124,17 @@ class AliasRouter:
 
         Blocking (file copies or an object-store download): call it from a worker thread.
         """
-        ref = self.ref(key)
+        v = self._versions.get(key)  # read once: the event loop may swap in a newer snapshot meanwhile
+        if v is None:
+            raise ModelNotFoundError(f"version {key} is not in this replica's alias table yet; retry", param="model")
+        name, version = parse_key(key)
+        ref, uri = AdapterRef(name, version, v["digest"]), v["artifact_uri"]
         if self.artifacts is None:
             raise ModelNotFoundError(f"version {key} is not on this node and no artifact store is configured",
                                      param="model")
         with self._fetch_lock:  # one download per version on this replica
             if not self.store.has(ref):
                 with tempfile.TemporaryDirectory(prefix=".fetch-", dir=self.store.root) as tmp:
-                    path = self.artifacts.fetch(self._versions[key]["artifact_uri"], Path(tmp) / "artifact")
+                    path = self.artifacts.fetch(uri, Path(tmp) / "artifact")
                     self.store.put(ref.name, path, digest=ref.digest, version=ref.version, activate=False)
         return ref

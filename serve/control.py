@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from tsugiki.adapters.controller import RolloutController, RolloutMetrics
 from tsugiki.adapters.registry import Registry, VersionState, parse_key
 from tsugiki.adapters.routing import snapshot
 from tsugiki.config import Settings
 from tsugiki.errors import InvalidRequestError, NotFoundError, PermissionDeniedError, TsugikiError
+from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.refresh import Refresher, RefreshMetrics
 
 logger = logging.getLogger(__name__)
@@ -223,6 +225,11 @@ class ControlPlane:
                        tune: dict[str, Any] | None = None, actor: str = "operator") -> dict[str, Any]:
         """Register the adapter directory ``path`` (inside the allowed adapter roots) as a candidate of ``name``."""
         real = self._inside_roots(path, "path")
+        try:
+            TuneConfig(**(tune or {}))  # refreshes start from it: a typo must fail here, not in a refresh
+        except ValidationError as e:
+            raise InvalidRequestError(f"tune: not valid TuneConfig fields: {e.errors()[0]['loc']}: "
+                                      f"{e.errors()[0]['msg']}", param="tune") from e
         cfg: dict[str, Any] = {"tune": tune or {}}
         if data_path is not None:
             cfg["data_path"] = str(self._inside_roots(data_path, "data_path"))
@@ -300,6 +307,8 @@ class ControlPlane:
             raise InvalidRequestError("each alert in an Alertmanager webhook payload is an object", param="alerts")
         for a in alerts:
             labels = a.get("labels") or {}
+            if not isinstance(labels, dict):
+                raise InvalidRequestError("an alert's 'labels' is an object of label names to values", param="alerts")
             name, status = str(labels.get("alertname", "")), str(a.get("status", payload.get("status", "")))
             target = labels.get("alias") or labels.get("adapter")
             alias = await asyncio.to_thread(self.alias_of, str(target)) if target else None
@@ -324,9 +333,10 @@ class ControlPlane:
 def _card(path: Path) -> dict[str, Any]:
     f = path / "model_card.json"
     try:
-        return dict(json.loads(f.read_text())) if f.is_file() else {}
+        card = json.loads(f.read_text()) if f.is_file() else {}
     except ValueError:
         return {}
+    return card if isinstance(card, dict) else {}
 
 
 def _version_json(v: Any) -> dict[str, Any]:

@@ -73,9 +73,12 @@ class OutcomeRecorder:
             await self.sink(rows, caps)
         except Exception as e:  # the controller being unavailable must never reach a request
             # keep them for the next flush (a restarting controller is back in seconds); the buffer stays bounded
-            room = (self._rows.maxlen or 0) - len(self._rows)
-            self._rows.extendleft(reversed(rows[-room:] if room > 0 else []))
-            self._captures.extendleft(reversed(caps[-max(0, (self._captures.maxlen or 0) - len(self._captures)):]))
-            self.dropped += max(0, len(rows) - max(room, 0))
+            room = max(0, (self._rows.maxlen or 0) - len(self._rows))
+            cap_room = max(0, (self._captures.maxlen or 0) - len(self._captures))
+            keep_rows, keep_caps = (rows[len(rows) - room:] if room else []), (caps[len(caps) - cap_room:] if cap_room
+                                                                                 else [])
+            self._rows.extendleft(reversed(keep_rows))
+            self._captures.extendleft(reversed(keep_caps))
+            self.dropped += len(rows) - len(keep_rows) + len(caps) - len(keep_caps)
             logger.warning(f"controller unavailable, {len(rows)} outcomes and {len(caps)} captures kept for a "
                            f"retry: {type(e).__name__}: {e}")

@@ -32,6 +32,7 @@ from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import Settings
 from tsugiki.errors import (
     ContextLengthError,
+    EngineError,
     InvalidRequestError,
     ModelNotFoundError,
     PermissionDeniedError,
@@ -60,6 +61,16 @@ class ControlPlane(Protocol):
 
 async def _no_aliases() -> dict[str, Any]:
     return {"aliases": [], "versions": {}}
+
+
+def _routed_error(routed: _Routed, e: BaseException) -> TsugikiError:
+    """The error a caller of an alias sees when the version it was routed to fails: the caller chose the alias,
+    not the version, so a bad version (files missing, weights refused) is the server's fault (500), not a 400."""
+    if isinstance(e, TsugikiError) and e.status >= 500:
+        return e
+    msg = e.message if isinstance(e, TsugikiError) else f"{type(e).__name__}: {e}"
+    return EngineError(f"alias {routed.alias!r} routed this request to {routed.key}, which failed: {msg}; "
+                       "the rollout controller sees the failure", code="routed_version_failed")
 
 
 def _unit_hash(text: str) -> float:
@@ -225,9 +236,15 @@ class ModelServer:
         key = self.router.pick(alias, caller)
         shadow = self.router.shadow_of(alias, request_id)
         self.core.routed = self.router.routed_keys()
-        ref = self.router.ref(key) if self.router.is_local(key) else await asyncio.to_thread(self.router.local, key)
-        return _Routed(adapter=ref.name, version=ref, alias=alias.alias, key=key, shadow=shadow,
-                       capture=alias.capture_rate > 0 and _unit_hash(request_id) < alias.capture_rate)
+        routed = _Routed(adapter=None, alias=alias.alias, key=key, shadow=shadow,
+                         capture=alias.capture_rate > 0 and _unit_hash(request_id) < alias.capture_rate)
+        try:
+            ref = self.router.ref(key) if self.router.is_local(key) else await asyncio.to_thread(self.router.local,
+                                                                                                   key)
+        except Exception as e:  # a version that cannot be fetched is evidence against it, and the server's fault
+            self.outcomes.add(routed.outcome(request_id, ok=False, latency_s=0.0))
+            raise _routed_error(routed, e) from e
+        return dataclasses.replace(routed, adapter=ref.name, version=ref)
 
     def _params(self, payload: dict[str, Any], n_prompt: int) -> SamplingParams:
         ecfg = self.settings.engine
@@ -318,6 +335,7 @@ class ModelServer:
         except TsugikiError as e:
             if routed.alias is not None:
                 self.outcomes.add(routed.outcome(request_id, ok=False, latency_s=time.perf_counter() - t0))
+                e = _routed_error(routed, e)
             yield {"type": "error", "error": e.to_dict()}
             return
         output = "".join(text)

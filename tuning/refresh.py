@@ -42,13 +42,20 @@ class RefreshMetrics:
 
 
 def _records_from_captures(captures: list[Any]) -> list[dict[str, str]]:
+    """Tuning records from labelled captures. Feedback comes from callers: a label the tuning data format
+    refuses (blank, several lines) or an empty prompt is left out rather than failing the whole refresh."""
     out = []
     for c in captures:
-        if c.label:
+        label = (c.label or "").strip()
+        if not c.prompt.strip():
+            continue
+        if label and "\n" not in label:
             text = text_of_label_prompt(c.prompt)
-            out.append({"text": text, "label": c.label} if text is not None
-                       else {"prompt": c.prompt, "completion": " " + c.label})
-        elif c.preferred:
+            if text is not None and text.strip():
+                out.append({"text": text, "label": label})
+            else:
+                out.append({"prompt": c.prompt, "completion": " " + label})
+        elif c.preferred and c.preferred.strip():
             out.append({"prompt": c.prompt, "completion": c.preferred})
     return out
 
@@ -146,7 +153,16 @@ class Refresher:
         return {"data_path": str(path), "stable": stable.key, "counts": counts}
 
     def run(self, ref: Refresh, *, progress: bool = False) -> Refresh:
-        """Run one refresh to its end state (blocking: minutes; call it from a worker thread)."""
+        """Run one refresh to its end state (blocking: minutes; call it from a worker thread). Whatever goes
+        wrong ends the refresh ``failed`` with the error: a refresh never stays active to block the next."""
+        try:
+            return self._run(ref, progress=progress)
+        except Exception as e:  # a failed refresh is an outcome, not a controller crash
+            self.metrics.refreshes.labels(ref.alias, "failed").inc()
+            logger.exception("refresh failed", extra={"alias": ref.alias, "refresh": ref.id})
+            return self.registry.update_refresh(ref.id, state="failed", detail={"error": f"{type(e).__name__}: {e}"})
+
+    def _run(self, ref: Refresh, *, progress: bool) -> Refresh:
         try:
             plan = self.assemble(ref)
         except NotEnoughData as e:
@@ -156,14 +172,9 @@ class Refresher:
         ref = self.registry.update_refresh(ref.id, state="running", detail=plan)
         stable = self.registry.get(*parse_key(plan["stable"]))
         cfg = TuneConfig(**{**stable.tuning_config.get("tune", {}), **self.config.tune})
-        try:
-            with _incumbent(self.registry, stable.name, stable.version) as inc:
-                result = self.tune_runner(cfg, plan["data_path"], stable.name, incumbent_dir=str(inc),
-                                          to_store=False, work_dir=str(self.work_dir() / "jobs"), progress=progress)
-        except Exception as e:  # a failed job is a refresh outcome, not a controller crash
-            self.metrics.refreshes.labels(ref.alias, "failed").inc()
-            logger.exception("refresh failed", extra={"alias": ref.alias, "refresh": ref.id})
-            return self.registry.update_refresh(ref.id, state="failed", detail={"error": f"{type(e).__name__}: {e}"})
+        with _incumbent(self.registry, stable.name, stable.version) as inc:
+            result = self.tune_runner(cfg, plan["data_path"], stable.name, incumbent_dir=str(inc),
+                                      to_store=False, work_dir=str(self.work_dir() / "jobs"), progress=progress)
         gate = result.get("gate", {})
         if result.get("status") != "passed":
             self.metrics.refreshes.labels(ref.alias, "rejected").inc()

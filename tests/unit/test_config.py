@@ -40,5 +40,5 @@ def test_serve_configs_validate_with_rays_schema_and_ours(name: str) -> None:
         else ServeDeploySchema.parse_obj(raw)
     app = schema.applications[0]
     assert app.import_path == "tsugiki.serve.deployments:app_builder"
-    assert {d.name for d in app.deployments} == {"LLMServer", "Gateway", "Monitor"}
+    assert {d.name for d in app.deployments} == {"LLMServer", "Gateway", "Monitor", "Controller"}
     load_settings(**app.args)  # tsugiki's own settings in `args` are valid too

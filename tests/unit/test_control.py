@@ -224,3 +224,50 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     fresh = ControlPlane(env.plane.settings, registry=env.plane.registry)
     assert fresh.rollouts.status("support")["rollout"]["stage"] == 0
     assert len(env.plane.registry.feedback(alias="support")) == 8
+
+
+def test_failures_end_as_outcomes_not_stuck_state(env: Env, lora_other: Path) -> None:
+    _first_version(env)
+    # a routed version whose files vanished from the artifact store: a 500 for the caller, evidence for the controller
+    shutil.copytree(lora_other, env.root / "v2")
+    env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "v2")})
+    env.plane.rollouts.plan = env.plane.rollouts.plan.model_copy(update={"shadow_share": 0.0})
+    env.client.post("/v1/rollouts/support", json={"candidate": "support@v2"})
+    rec = env.plane.registry.get("support", 2)
+    shutil.rmtree(rec.artifact_uri.removeprefix("file://"))
+    codes = {}
+    for i in range(20):
+        r = env.ask(user=f"u{i}")
+        codes[r.status_code] = r
+    assert 500 in codes and codes[500].json()["error"]["code"] == "routed_version_failed", codes
+    env.client.portal.call(env.server.drain)  # type: ignore[union-attr]
+    assert [o["ok"] for o in env.plane.registry.outcomes("support@v2")] == [False] * len(
+        env.plane.registry.outcomes("support@v2")) and env.plane.registry.outcomes("support@v2")
+
+    # a decision recorded but not carried out (the controller died in between) is completed by the next tick
+    ro = env.plane.registry.get_rollout("support")
+    assert ro is not None
+    env.plane.registry.update_rollout(ro.id, evidence={**ro.evidence, "finishing": "rollback",
+                                                       "finishing_reason": "test"})
+    env.plane.rollouts.promote("support")  # an operator's later promote does not override the recorded rollback
+    assert env.version("support@v2") == VersionState.rolled_back
+    assert env.plane.registry.get_alias("support").routes == {"support@v1": 1.0}
+
+    # a refresh whose job hands back something unusable ends failed, and the next one can run
+    env.tune_calls.clear()  # type: ignore[attr-defined]
+    env.plane.refresher.tune_runner = lambda *a, **kw: {"status": "passed", "path": "/nonexistent", "gate": {}}
+    env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100})
+    for i in range(6):
+        r = env.ask(text=f"open the garage {i}")
+        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "garage"})
+    r = env.ask(text="a label the data format refuses")
+    env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "two\nlines"})
+    env.client.portal.call(env.server.drain)  # type: ignore[union-attr]
+    assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+    env.step()
+    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+    ref = env.plane.registry.refreshes("support")[-1]
+    assert ref.state == "failed" and "nonexistent" in ref.detail["error"], ref
+    data = (Path(ref.detail["data_path"])).read_text()
+    assert data.count('"label": "garage"') == 6 and "two" not in data
+    assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True

@@ -640,6 +640,10 @@ def test_outcomes_carry_feedback_correctness_and_backfill_feedback(reg: Registry
                                                                         ("r3", False, None)]
     assert [r["request_id"] for r in reg.outcomes("intent@v1", since=10.9)] == ["r2", "r3"]
     assert [r["agree"] for r in reg.outcomes("intent@v1", shadow=True)] == [False]
+    # a score judged the served answer: a shadow row of the same request is not credited with it
+    reg.record_outcomes([{"request_id": "r2", "alias": "support", "version_key": "intent@v1", "ok": True,
+                          "shadow": True, "output": "y", "ts": 11.5}])
+    assert [r["correct"] for r in reg.outcomes("intent@v1", shadow=True)] == [None, None]
     assert {f.request_id: f.version_key for f in reg.feedback(alias="support")} == {"r1": "intent@v1",
                                                                                      "r2": "intent@v1"}
     assert reg.outcome_of("r1") == {"alias": "support", "version_key": "intent@v1"}
