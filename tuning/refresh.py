@@ -172,7 +172,7 @@ class Refresher:
         ref = self.registry.update_refresh(ref.id, state="running", detail=plan)
         stable = self.registry.get(*parse_key(plan["stable"]))
         cfg = TuneConfig(**{**stable.tuning_config.get("tune", {}), **self.config.tune})
-        with _incumbent(self.registry, stable.name, stable.version) as inc:
+        with _incumbent(self.registry, stable.name, stable.version, self.work_dir()) as inc:
             result = self.tune_runner(cfg, plan["data_path"], stable.name, incumbent_dir=str(inc),
                                       to_store=False, work_dir=str(self.work_dir() / "jobs"), progress=progress)
         gate = result.get("gate", {})
@@ -202,15 +202,18 @@ class NotEnoughData(Exception):
 
 
 class _incumbent:
-    """The stable version's files in a temporary directory (the gate's incumbent), removed afterwards."""
+    """The stable version's files in a temporary directory under ``root`` (the gate's incumbent), removed
+    afterwards. ``root`` is the refresh work directory: on a cluster a shared volume, so the tuning task on
+    another node reads the same files (and writes its candidate where the controller registers it from)."""
 
-    def __init__(self, registry: Registry, name: str, version: int) -> None:
-        self.registry, self.name, self.version = registry, name, version
+    def __init__(self, registry: Registry, name: str, version: int, root: Path) -> None:
+        self.registry, self.name, self.version, self.root = registry, name, version, root
 
     def __enter__(self) -> Path:
         import tempfile
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="tsugiki-incumbent-")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="incumbent-", dir=self.root)
         return self.registry.fetch(self.name, self.version, Path(self._tmp.name) / "adapter")
 
     def __exit__(self, *exc: object) -> None:
