@@ -31,7 +31,8 @@ Tables::
     rollouts   id, alias, candidate, baseline, stage, state, plan, evidence, started, updated;
                at most one running/paused rollout per alias (a partial unique index)
     outcomes   one row per alias-routed (or shadowed) request: version, ok, latency, confidence, noisy, agree,
-               output (truncated); the rollout controller's evidence, newest 200,000 kept
+               output (truncated); the rollout controller's evidence, newest 200,000 kept; UNIQUE(request_id,
+               version_key, shadow), so a re-sent batch is counted once (captures likewise per alias and request)
     refreshes  id, alias, state, reason, source, candidate, detail; at most one requested/running per alias
     kv         small durable values (the controller's cursor into the monitor's alarms)
 """
@@ -375,6 +376,12 @@ MIGRATIONS: Sequence[tuple[str, ...]] = (
         "CREATE UNIQUE INDEX refreshes_one_active ON refreshes (alias) WHERE state IN ('requested', 'running')",
         "CREATE INDEX refreshes_alias ON refreshes (alias, id)",
         "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL)",
+    ),
+    (  # 5: a replica re-sends a batch whose commit it did not hear about: outcomes and captures are kept once
+        "DELETE FROM outcomes WHERE id NOT IN (SELECT MIN(id) FROM outcomes GROUP BY request_id, version_key, shadow)",
+        "CREATE UNIQUE INDEX outcomes_once ON outcomes (request_id, version_key, shadow)",
+        "DELETE FROM captures WHERE id NOT IN (SELECT MIN(id) FROM captures GROUP BY alias, request_id)",
+        "CREATE UNIQUE INDEX captures_once ON captures (alias, request_id)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -907,10 +914,14 @@ class Registry:
             retention = int(row["capture_retention"])
             if retention == 0:
                 return None
-            cur = tx.execute("INSERT INTO captures (ts, request_id, alias, version_key, prompt, output) "
+            cur = tx.execute("INSERT OR IGNORE INTO captures (ts, request_id, alias, version_key, prompt, output) "
                              "VALUES (?, ?, ?, ?, ?, ?)",
                              (time.time() if ts is None else float(ts), request_id, alias, version_key, prompt,
                               output))
+            if cur.rowcount == 0:  # already captured (a re-sent batch): keep the first
+                row = tx.execute("SELECT id FROM captures WHERE alias = ? AND request_id = ?",
+                                 (alias, request_id)).fetchone()
+                return int(row["id"]) if row is not None else None
             self._delete_old_captures(tx, alias, retention)
             return int(cur.lastrowid or 0)
 
@@ -1046,7 +1057,7 @@ class Registry:
                            None if r.get("agree") is None else int(bool(r["agree"])),
                            None if out is None else str(out)[:OUTPUT_KEPT_CHARS]))
         with self._write() as tx:
-            tx.executemany("INSERT INTO outcomes (ts, request_id, alias, version_key, shadow, ok, latency_s, "
+            tx.executemany("INSERT OR IGNORE INTO outcomes (ts, request_id, alias, version_key, shadow, ok, latency_s, "
                            "confidence, noisy, agree, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
             # feedback that arrived before its request's outcome learns which alias and version it is about
             tx.executemany("UPDATE feedback SET alias = ?, version_key = ? WHERE request_id = ? AND alias IS NULL",

@@ -649,6 +649,13 @@ def test_outcomes_carry_feedback_correctness_and_backfill_feedback(reg: Registry
     assert reg.outcome_of("r1") == {"alias": "support", "version_key": "intent@v1"}
     with pytest.raises(InvalidRequestError, match="not of the form name@vN"):
         reg.record_outcomes([{"request_id": "r", "alias": "support", "version_key": "intent", "ok": True}])
+    # a replica re-sending a batch it did not hear committed: each outcome and capture is kept once
+    again = [{"request_id": "r3", "alias": "support", "version_key": "intent@v1", "ok": False, "ts": 12.0}]
+    reg.record_outcomes(again)
+    assert [r["request_id"] for r in reg.outcomes("intent@v1")] == ["r1", "r2", "r3"]
+    reg.set_capture("support", 1.0, 10)
+    first = reg.capture("r3", "support", "intent@v1", "p", "o")
+    assert reg.capture("r3", "support", "intent@v1", "p", "o") == first and len(reg.captures("support")) == 1
     reg.record_outcomes([{"request_id": f"k{i}", "alias": "support", "version_key": "intent@v1", "ok": True}
                          for i in range(10)], keep=5)
     assert len(reg.outcomes("intent@v1", since=0)) == 5
@@ -676,3 +683,23 @@ def test_one_refresh_per_alias_at_a_time_and_values(reg: Registry, art: list[Pat
     reg.set_value("cursor", 12.5)
     reg.set_value("cursor", 13.5)
     assert reg.get_value("cursor") == 13.5
+
+
+def test_schema_5_migration_keeps_the_first_of_duplicated_outcomes_and_captures(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    conn = sqlite3.connect(db)
+    for stmts in MIGRATIONS[:4]:
+        for stmt in stmts:
+            conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 4")
+    for i in range(3):  # the same outcome and capture written three times (retried batches before schema 5)
+        conn.execute("INSERT INTO outcomes (ts, request_id, alias, version_key, shadow, ok) "
+                     "VALUES (?, 'r1', 'a', 'x@v1', 0, 1)", (float(i),))
+        conn.execute("INSERT INTO captures (ts, request_id, alias, version_key, prompt, output) "
+                     "VALUES (?, 'r1', 'a', 'x@v1', 'p', 'o')", (float(i),))
+    conn.commit()
+    conn.close()
+    with Registry(db) as reg:
+        assert reg.schema_version == SCHEMA_VERSION >= 5
+        assert [r["ts"] for r in reg.outcomes("x@v1")] == [0.0]
+        assert reg._read("SELECT COUNT(*) AS n FROM captures")[0]["n"] == 1
