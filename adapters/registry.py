@@ -888,14 +888,22 @@ class Registry:
                               None if score is None else float(score)))
             return int(cur.lastrowid or 0)
 
-    def feedback(self, *, alias: str | None = None, since_id: int | None = None, limit: int = 10_000
-                 ) -> list[Feedback]:
-        """Feedback (on ``alias``, if given; newer than ``since_id``, if given), oldest first."""
+    def feedback(self, *, alias: str | None = None, since_id: int | None = None, limit: int = 10_000,
+                 newest: bool = False) -> list[Feedback]:
+        """Feedback (on ``alias``, if given; newer than ``since_id``, if given), oldest first: the oldest ``limit``
+        of them, or with ``newest`` the newest ``limit``."""
         where, params = self._filters(alias=alias, since_id=since_id)
-        rows = self._read(f"SELECT * FROM feedback{where} ORDER BY id LIMIT ?", (*params, int(limit)))
+        order = "DESC" if newest else "ASC"
+        rows = self._read(f"SELECT * FROM feedback{where} ORDER BY id {order} LIMIT ?", (*params, int(limit)))
+        rows = rows[::-1] if newest else rows
         return [Feedback(id=r["id"], ts=r["ts"], request_id=r["request_id"], alias=r["alias"],
                          version_key=r["version_key"], user=r["user"], label=r["label"], preferred=r["preferred"],
                          score=r["score"]) for r in rows]
+
+    def feedback_count(self, *, alias: str | None = None) -> int:
+        """How many feedback records are stored (on ``alias``, if given)."""
+        where, params = self._filters(alias=alias)
+        return int(self._read(f"SELECT COUNT(*) AS n FROM feedback{where}", params)[0]["n"])
 
     def capture(self, request_id: str, alias: str, version_key: str, prompt: str, output: str,
                 ts: float | None = None) -> int | None:

@@ -197,6 +197,11 @@ class RolloutPlan(BaseModel):
             raise ValueError(f"stage must be -1 (shadow) or a canary step 0..{self.last_stage}, got {stage}")
 
 
+def _ratio(part: int, whole: int) -> float | None:
+    """``part / whole``, or None when nothing was seen (a check then has no data, rather than a 0)."""
+    return part / whole if whole else None
+
+
 @dataclass(frozen=True)
 class VersionEvidence:
     """What one version did during one stage (the baseline's evidence should cover the same time window, so
@@ -240,19 +245,19 @@ class VersionEvidence:
 
     @property
     def error_rate(self) -> float | None:
-        return self.errors / self.requests if self.requests else None
+        return _ratio(self.errors, self.requests)
 
     @property
     def noise_rate(self) -> float | None:
-        return self.noisy / self.requests if self.requests else None
+        return _ratio(self.noisy, self.requests)
 
     @property
     def accuracy(self) -> float | None:
-        return self.feedback_correct / self.feedback_n if self.feedback_n else None
+        return _ratio(self.feedback_correct, self.feedback_n)
 
     @property
     def shadow_agreement(self) -> float | None:
-        return self.shadow_agree / self.shadow_n if self.shadow_n else None
+        return _ratio(self.shadow_agree, self.shadow_n)
 
     @property
     def latency_p50(self) -> float | None:

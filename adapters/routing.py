@@ -68,6 +68,7 @@ class AliasRouter:
         self._aliases: dict[str, Alias] = {}
         self._versions: dict[str, dict[str, str]] = {}
         self._read_at = -float("inf")
+        self.routed: set[str] = set()  # version keys of the current table (see _routed_keys), set on each refresh
         self._refreshing: asyncio.Lock | None = None
         self._fetch_lock = threading.Lock()
 
@@ -82,6 +83,7 @@ class AliasRouter:
                         snap = await asyncio.wait_for(self.source(), timeout=SNAPSHOT_TIMEOUT_S)
                         self._aliases = {a["alias"]: Alias(**a) for a in snap["aliases"]}
                         self._versions = dict(snap["versions"])
+                        self.routed = self._routed_keys()
                     except Exception as e:  # serve with the last table; the controller may be restarting
                         logger.warning(f"alias table refresh failed, keeping the last one: {type(e).__name__}: {e}")
                     self._read_at = self._clock()
@@ -90,7 +92,7 @@ class AliasRouter:
     async def get(self, name: str) -> Alias | None:
         return (await self.aliases()).get(name)
 
-    def routed_keys(self) -> set[str]:
+    def _routed_keys(self) -> set[str]:
         """Version keys some alias routes or shadows to (the engine keeps them resident)."""
         keys: set[str] = set()
         for a in self._aliases.values():
@@ -118,6 +120,10 @@ class AliasRouter:
 
     def is_local(self, key: str) -> bool:
         return key in self._versions and self.store.has(self.ref(key))
+
+    async def resolve(self, key: str) -> AdapterRef:
+        """The stored ref of version ``key``: at once if this node has it, else downloaded in a worker thread."""
+        return self.ref(key) if self.is_local(key) else await asyncio.to_thread(self.local, key)
 
     def local(self, key: str) -> AdapterRef:
         """The stored ref of version ``key``, downloading its files first if this node lacks them.

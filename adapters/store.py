@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,9 +35,24 @@ from tsugiki.adapters.format import (
     artifact_files,
     content_digest,
 )
-from tsugiki.errors import AdapterError, InvalidRequestError, ModelNotFoundError
+from tsugiki.errors import AdapterError, InvalidRequestError, ModelNotFoundError, PermissionDeniedError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def inside_roots(path: str, roots: Sequence[Path], *, param: str = "path", what: str = "adapter path") -> Path:
+    """``path`` resolved (symlinks too), refused unless absolute and inside one of ``roots``: the one guard for
+    every API call that names a file on the server (adapter loads, registry registrations, training data)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        raise InvalidRequestError(f"{what} {path!r} must be absolute", param=param)
+    real = p.resolve()
+    if not any(real == r or r in real.parents for r in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise PermissionDeniedError(
+            f"{what} {path!r} is outside the allowed adapter roots ({allowed}); move it there or add its "
+            "directory to adapters.roots", param=param, code="path_not_allowed")
+    return real
 
 
 def check_name(name: str) -> str:

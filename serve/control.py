@@ -31,8 +31,9 @@ from pydantic import ValidationError
 from tsugiki.adapters.controller import RolloutController, RolloutMetrics
 from tsugiki.adapters.registry import Registry, VersionState, parse_key
 from tsugiki.adapters.routing import snapshot
+from tsugiki.adapters.store import inside_roots
 from tsugiki.config import Settings
-from tsugiki.errors import InvalidRequestError, NotFoundError, PermissionDeniedError, TsugikiError
+from tsugiki.errors import InvalidRequestError, NotFoundError, TsugikiError
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.refresh import Refresher, RefreshMetrics
 
@@ -216,15 +217,16 @@ class ControlPlane:
 
     async def feedback_list(self, alias: str | None = None, limit: int = 100) -> dict[str, Any]:
         """How much feedback is stored (for ``alias``), and the newest ``limit`` entries."""
-        rows = await asyncio.to_thread(self.registry.feedback, alias=alias, limit=10_000_000)
-        return {"count": len(rows), "data": [{"id": f.id, "ts": f.ts, "request_id": f.request_id, "alias": f.alias,
-                                              "version_key": f.version_key, "label": f.label, "score": f.score}
-                                             for f in rows[-limit:]]}
+        count = await asyncio.to_thread(self.registry.feedback_count, alias=alias)
+        rows = await asyncio.to_thread(self.registry.feedback, alias=alias, limit=limit, newest=True)
+        return {"count": count, "data": [{"id": f.id, "ts": f.ts, "request_id": f.request_id, "alias": f.alias,
+                                          "version_key": f.version_key, "label": f.label, "score": f.score}
+                                         for f in rows]}
 
     async def register(self, name: str, path: str, *, data_path: str | None = None,
                        tune: dict[str, Any] | None = None, actor: str = "operator") -> dict[str, Any]:
         """Register the adapter directory ``path`` (inside the allowed adapter roots) as a candidate of ``name``."""
-        real = self._inside_roots(path, "path")
+        real = inside_roots(path, self.roots)
         try:
             TuneConfig(**(tune or {}))  # refreshes start from it: a typo must fail here, not in a refresh
         except ValidationError as e:
@@ -232,7 +234,7 @@ class ControlPlane:
                                       f"{e.errors()[0]['msg']}", param="tune") from e
         cfg: dict[str, Any] = {"tune": tune or {}}
         if data_path is not None:
-            cfg["data_path"] = str(self._inside_roots(data_path, "data_path"))
+            cfg["data_path"] = str(inside_roots(data_path, self.roots, param="data_path", what="data_path"))
         rec = await asyncio.to_thread(self.registry.register, name, real, base_fingerprint=self._fingerprint(real),
                                       tuning_config=cfg, gate_report=_card(real).get("gate", {}), actor=actor)
         return _version_json(rec)
@@ -245,17 +247,6 @@ class ControlPlane:
                                       f"serves {base}; retune it on the served base model", param="path",
                                       code="base_model_mismatch")
         return base
-
-    def _inside_roots(self, path: str, param: str) -> Path:
-        p = Path(path).expanduser()
-        if not p.is_absolute():
-            raise InvalidRequestError(f"{param} {path!r} must be absolute", param=param)
-        real = p.resolve()
-        if not any(real == r or r in real.parents for r in self.roots):
-            raise PermissionDeniedError(f"{param} {path!r} is outside the allowed adapter roots "
-                                        f"({', '.join(str(r) for r in self.roots)}); move it there or add its "
-                                        "directory to adapters.roots", param=param, code="path_not_allowed")
-        return real
 
     async def versions(self, name: str | None = None) -> list[dict[str, Any]]:
         return [_version_json(v) for v in await asyncio.to_thread(self.registry.versions, name)]

@@ -21,21 +21,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tsugiki.adapters.format import AdapterRef
 from tsugiki.adapters.routing import AliasRouter
-from tsugiki.adapters.store import AdapterStore, check_name
+from tsugiki.adapters.store import AdapterStore, check_name, inside_roots
 from tsugiki.config import Settings
 from tsugiki.errors import (
     ContextLengthError,
     EngineError,
     InvalidRequestError,
     ModelNotFoundError,
-    PermissionDeniedError,
     TsugikiError,
 )
 from tsugiki.monitoring.metrics import RequestQualityMetrics
@@ -91,9 +89,12 @@ class _Routed:
     capture: bool = False
 
     def outcome(self, request_id: str, *, ok: bool, latency_s: float, confidence: float | None = None,
-                noisy: bool = False, output: str | None = None) -> dict[str, Any]:
-        return {"request_id": request_id, "alias": self.alias, "version_key": self.key, "shadow": False, "ok": ok,
-                "latency_s": latency_s, "confidence": confidence, "noisy": noisy, "agree": None, "output": output}
+                noisy: bool = False, output: str | None = None, shadow: bool = False,
+                agree: bool | None = None) -> dict[str, Any]:
+        """The outcome row of the served version, or with ``shadow`` of the shadow version's copy."""
+        return {"request_id": request_id, "alias": self.alias, "version_key": self.shadow if shadow else self.key,
+                "shadow": shadow, "ok": ok, "latency_s": latency_s, "confidence": confidence, "noisy": noisy,
+                "agree": agree, "output": output}
 
 
 class ModelServer:
@@ -154,18 +155,6 @@ class ModelServer:
         return generate_latest(self.registry).decode()
 
     # ---- adapters ------------------------------------------------------------------------------------------------
-    def _inside_roots(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        if not p.is_absolute():
-            raise InvalidRequestError(f"adapter path {path!r} must be absolute", param="path")
-        real = p.resolve()
-        if not any(real == r or r in real.parents for r in self.roots):
-            allowed = ", ".join(str(r) for r in self.roots)
-            raise PermissionDeniedError(
-                f"adapter path {path!r} is outside the allowed adapter roots ({allowed}); move it there or add its "
-                "directory to adapters.roots", param="path", code="path_not_allowed")
-        return real
-
     async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         """Validate ``path`` against the base model, store it as a new version of ``name`` and make it servable.
 
@@ -175,7 +164,7 @@ class ModelServer:
         check_name(name)
         if name == self.info.name:
             raise InvalidRequestError(f"adapter name {name!r} is the base model's name; choose another", param="name")
-        real = self._inside_roots(path)
+        real = inside_roots(path, self.roots)
 
         def read_and_store() -> Any:
             weights = self.core.read_adapter(str(real), repr(name))
@@ -235,12 +224,11 @@ class ModelServer:
         caller = str(payload.get("user") or request_id)
         key = self.router.pick(alias, caller)
         shadow = self.router.shadow_of(alias, request_id)
-        self.core.routed = self.router.routed_keys()
+        self.core.routed = self.router.routed  # the set of the current alias table (rebuilt on refresh only)
         routed = _Routed(adapter=None, alias=alias.alias, key=key, shadow=shadow,
                          capture=alias.capture_rate > 0 and _unit_hash(request_id) < alias.capture_rate)
         try:
-            ref = self.router.ref(key) if self.router.is_local(key) else await asyncio.to_thread(self.router.local,
-                                                                                                   key)
+            ref = await self.router.resolve(key)
         except Exception as e:  # a version that cannot be fetched is evidence against it, and the server's fault
             self.outcomes.add(routed.outcome(request_id, ok=False, latency_s=0.0))
             raise _routed_error(routed, e) from e
@@ -339,8 +327,8 @@ class ModelServer:
             yield {"type": "error", "error": e.to_dict()}
             return
         output = "".join(text)
+        confidence = sum(logprobs) / len(logprobs) if logprobs else None
         if routed.alias is not None:
-            confidence = sum(logprobs) / len(logprobs) if logprobs else None
             self.outcomes.add(routed.outcome(request_id, ok=True, latency_s=time.perf_counter() - t0,
                                              confidence=confidence, noisy=bool(noise and noise.reasons),
                                              output=output))
@@ -354,7 +342,6 @@ class ModelServer:
                 self._shadow_tasks.add(task)
                 task.add_done_callback(self._shadow_tasks.discard)
         if self.monitoring and started:
-            confidence = sum(logprobs) / len(logprobs) if logprobs else None
             if confidence is not None:
                 self.quality.output_confidence.labels(label).observe(confidence)
             if prompt_logprob is not None:
@@ -372,7 +359,7 @@ class ModelServer:
         t0 = time.perf_counter()
         assert routed.shadow is not None
         try:
-            ref = await asyncio.to_thread(self.router.local, routed.shadow)
+            ref = await self.router.resolve(routed.shadow)
             req = GenerationRequest(request_id=f"{request_id}-shadow", prompt_ids=tuple(ids),
                                     params=dataclasses.replace(params, temperature=0.0, seed=None),
                                     version=ref, adapter=ref.name)
@@ -383,14 +370,13 @@ class ModelServer:
                 text.append(ev.text)
         except Exception as e:  # a failing shadow is evidence, never an error for anyone
             logger.info("shadow request failed", extra={"request_id": request_id, "error": type(e).__name__})
-            self.outcomes.add({"request_id": request_id, "alias": routed.alias, "version_key": routed.shadow,
-                               "shadow": True, "ok": False, "latency_s": time.perf_counter() - t0})
+            self.outcomes.add(routed.outcome(request_id, ok=False, latency_s=time.perf_counter() - t0, shadow=True))
             return
-        agree = ("".join(text).strip() == served.strip()) if params.temperature == 0 else None
-        self.outcomes.add({"request_id": request_id, "alias": routed.alias, "version_key": routed.shadow,
-                           "shadow": True, "ok": True, "latency_s": time.perf_counter() - t0, "noisy": noisy,
-                           "confidence": sum(logprobs) / len(logprobs) if logprobs else None, "agree": agree,
-                           "output": "".join(text)})
+        answer = "".join(text)
+        self.outcomes.add(routed.outcome(
+            request_id, ok=True, latency_s=time.perf_counter() - t0, noisy=noisy, output=answer, shadow=True,
+            confidence=sum(logprobs) / len(logprobs) if logprobs else None,
+            agree=(answer.strip() == served.strip()) if params.temperature == 0 else None))
 
     def _noise(self, payload: dict[str, Any], n_prompt: int, label: str) -> NoiseReport | None:
         if not self.monitoring:

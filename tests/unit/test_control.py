@@ -221,9 +221,18 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     r = env.client.post("/v1/alerts/alertmanager", json={"alerts": [
         {"status": "firing", "labels": {"alertname": "TsugikiDriftDetected", "alias": "support"}}]})
     assert r.json()["results"][0]["accepted"] is False and "refresh after it ends" in r.json()["results"][0]["why"]
-    fresh = ControlPlane(env.plane.settings, registry=env.plane.registry)
-    assert fresh.rollouts.status("support")["rollout"]["stage"] == 0
-    assert len(env.plane.registry.feedback(alias="support")) == 8
+    # a new control plane (its own connection to the registry file, nothing in memory) continues that rollout
+    fresh = ControlPlane(env.plane.settings)
+    try:
+        assert fresh.registry is not env.plane.registry
+        decided = fresh.rollouts.tick()
+        assert [(d["rollout"], d["stage"], d["action"]) for d in decided] == [(ro.id, 0, "wait")], decided
+        assert fresh.registry.get_alias("support").shadow == "support@v2"
+        assert fresh.registry.feedback_count(alias="support") == 8
+        assert [f.request_id for f in fresh.registry.feedback(alias="support", limit=2, newest=True)] == [
+            f.request_id for f in fresh.registry.feedback(alias="support")][-2:]
+    finally:
+        fresh.registry.close()
 
 
 def test_failures_end_as_outcomes_not_stuck_state(env: Env, lora_other: Path) -> None:
