@@ -93,9 +93,12 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     if method != "zero_shot":
         cfg = configs(args)[method]
         data = TuningData(train=train, val=val, data_hash="bench", labels=[])
+        t0 = time.time()
         model, res = fit(cfg, loaded, data, progress=True)
-        out.update(train_seconds=res.seconds, steps=res.steps, trainable_params=res.trainable_params,
-                   layers=res.layers, final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
+        # all of fit(): layer choice, model build, encoding and corrupting, the frozen pass, the steps
+        out.update(train_seconds=time.time() - t0, loop_seconds=res.seconds, steps=res.steps,
+                   trainable_params=res.trainable_params, layers=res.layers,
+                   final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
         if cfg.robust is not None:
             t0 = time.time()
             strength, table = pick_strength(cfg, model, tok, val, res.layers)

@@ -7,6 +7,9 @@ LoRA on layers ``L0..`` only:
 * the hidden states entering layer ``L0`` depend on the input alone, so each distinct input (a clean example
   or one of its fixed corrupted copies) goes through layers ``0..L0-1`` **once**, not once per epoch
   (``cache_frozen``);
+* in that frozen pass the token head all inputs share (a prompt template's first line: 11 of the ~29 tokens of a
+  CLINC150 example) is computed once and its keys and values reused, and where the hardware computes bfloat16
+  natively the pass runs in it (``frozen_dtype``; about twice as fast, the weights being trained never see it);
 * backpropagation starts at the loss and stops at ``L0``;
 * the LM head runs only at the positions that predict completion tokens.
 
@@ -16,6 +19,8 @@ in the data order, which is a pure function of the seed and epoch; a killed run 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import math
@@ -99,26 +104,64 @@ class Parts:
         return cls(dec.embed_tokens, dec.layers, dec.norm, dec.rotary_emb, base.get_output_embeddings())
 
 
-def _mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive [B, 1, T, T] mask: causal, and right padding never attended to."""
+def _mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device: torch.device, past: int = 0
+          ) -> torch.Tensor:
+    """Additive [B, 1, T, past + T] mask: the ``past`` shared positions are always visible, the rest causal,
+    and right padding is never attended to."""
     idx = torch.arange(width, device=device)
     real = idx[None, :] < torch.tensor(list(lengths), device=device)[:, None]  # [B, T]
     allowed = (idx[None, :, None] >= idx[None, None, :]) & real[:, None, :]
+    if past:
+        allowed = torch.cat([allowed.new_ones((len(lengths), width, past)), allowed], 2)
     m = torch.zeros(allowed.shape, dtype=dtype, device=device)
     m.masked_fill_(~allowed, torch.finfo(dtype).min)
     return m[:, None]
 
 
-def run_layers(parts: Parts, h: torch.Tensor, lengths: Sequence[int], start: int, stop: int | None = None
-               ) -> torch.Tensor:
-    """Right-padded hidden states ``h`` [B, T, D] through ``layers[start:stop]``."""
+class SharedHead:
+    """Keys and values of a token prefix every sequence starts with (a prompt template's head), computed once.
+
+    It stands in for a transformers cache in the decoder layers' attention (``update`` is all they call): while
+    recording it keeps each layer's keys and values of the head; afterwards it prepends them to every batch's, so
+    a batch of suffixes attends to the head exactly as the whole sequences would.
+    """
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording = True
+        self.length = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recording:
+            self.kv[layer_idx] = (key, value)
+            return key, value
+        hk, hv = self.kv[layer_idx]
+        b = key.shape[0]
+        return torch.cat([hk.expand(b, -1, -1, -1), key], 2), torch.cat([hv.expand(b, -1, -1, -1), value], 2)
+
+
+def _cache_kwarg(layer: Any) -> str:
+    """transformers renamed the decoder layer's cache argument (``past_key_values`` -> ``cache``)."""
+    return "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
+
+
+def run_layers(parts: Parts, h: torch.Tensor, lengths: Sequence[int], start: int, stop: int | None = None,
+               *, head: SharedHead | None = None) -> torch.Tensor:
+    """Right-padded hidden states ``h`` [B, T, D] through ``layers[start:stop]``. With a recorded ``head``,
+    ``h`` continues it (positions start after it and attention sees it); with one still recording, ``h`` is the
+    head itself (batch 1) and its keys and values are kept."""
     b, t, _ = h.shape
-    pos = torch.arange(t, device=h.device)[None].expand(b, t)
+    past = head.length if head is not None and not head.recording else 0
+    pos = torch.arange(past, past + t, device=h.device)[None].expand(b, t)
     pe = parts.rotary(h, pos)
-    mask = _mask(lengths, t, h.dtype, h.device)
+    mask = _mask(lengths, t, h.dtype, h.device, past)
     for layer in parts.layers[start:stop]:
-        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        extra = {_cache_kwarg(layer): head} if head is not None else {}
+        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, **extra)
         h = out[0] if isinstance(out, tuple) else out
+    if head is not None and head.recording:
+        head.length, head.recording = t, False
     return h
 
 
@@ -184,6 +227,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def shared_head(encs: Sequence[Encoded]) -> tuple[int, ...]:
+    """The longest token prefix all inputs share, leaving each at least one token of its own."""
+    if not encs:
+        return ()
+    first, n = encs[0].ids, min(len(e.ids) for e in encs) - 1
+    for e in encs[1:]:
+        n = next((j for j in range(n) if e.ids[j] != first[j]), n)
+    return tuple(first[:max(n, 0)])
+
+
+def frozen_bfloat16(setting: str, device: torch.device) -> bool:
+    """Whether the frozen pass runs in bfloat16: 'auto' where the hardware computes it natively (a CUDA device
+    that supports it; a CPU with AVX512-BF16 or AMX), where it is about twice as fast as float32."""
+    if setting != "auto":
+        return setting == "bfloat16"
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class Trainer:
     """Trains ``model`` in place (a PEFT model for 'lora', the bare model for 'full') on encoded examples."""
 
@@ -207,20 +276,27 @@ class Trainer:
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
                                      weight_decay=cfg.weight_decay)
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        # the frozen pass: the token head every input shares is computed once, in bfloat16 where the hardware
+        # has it natively (nothing trains there, so only the forward's precision is at stake)
+        self.frozen_bf16 = self.start > 0 and frozen_bfloat16(cfg.frozen_dtype, self.device)
+        self.head_ids = shared_head([e for es in ([self.clean] + self.noisy) for e in es]) if self.start else ()
+        self._heads: dict[bool, tuple[SharedHead, torch.Tensor]] = {}
         if self.clean:
             self._self_check()
 
     @torch.no_grad()
     def _self_check(self) -> None:
         """The loop drives the decoder layers itself (that is what lets it skip frozen work); refuse a model
-        whose own forward does something else (embedding scales, sliding windows, logit caps...)."""
+        whose own forward does something else (embedding scales, sliding windows, logit caps...). The frozen
+        pass is checked in full precision, with the shared head."""
         was = self.model.training
         self.model.eval()
         try:
             e = self.clean[0]
             ref = self.model(input_ids=torch.tensor([e.ids], device=self.device)).logits[0].float()
             ref = ref[e.n_prompt - 1: len(e.ids) - 1]
-            mine, _ = self._logits([(0, 0)])
+            h0 = self._frozen([e], exact=True)[0][None] if self.start else None
+            mine, _ = self._logits([(0, 0)], h0)
         finally:
             self.model.train(was)
         tol = 1e-3 if mine.dtype == torch.float32 and next(self.model.parameters()).dtype == torch.float32 else 5e-2
@@ -231,7 +307,36 @@ class Trainer:
                              f"{float((mine - ref).abs().max()):.3g}), so it would train the wrong function")
 
     # ---- frozen prefix
+    def _precision(self, exact: bool) -> contextlib.AbstractContextManager[Any]:
+        if self.frozen_bf16 and not exact:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _head(self, exact: bool) -> tuple[SharedHead, torch.Tensor] | None:
+        """The shared head's keys/values in the frozen layers and its hidden states entering layer ``start``."""
+        if not self.head_ids:
+            return None
+        if exact not in self._heads:
+            head = SharedHead()
+            ids = torch.tensor([self.head_ids], device=self.device)
+            with self._precision(exact):
+                h = run_layers(self.parts, self.parts.embed(ids), [len(self.head_ids)], 0, self.start, head=head)
+            self._heads[exact] = (head, h[0].float())
+        return self._heads[exact]
+
     @torch.no_grad()
+    def _frozen(self, encs: Sequence[Encoded], exact: bool = False) -> list[torch.Tensor]:
+        """Hidden states entering layer ``start`` (float32, unpadded) of encoded inputs."""
+        shared = self._head(exact)
+        n = len(self.head_ids)
+        ids = pad_right([torch.tensor(e.ids[n:], device=self.device) for e in encs])
+        lengths = [len(e.ids) - n for e in encs]
+        with self._precision(exact):
+            h = run_layers(self.parts, self.parts.embed(ids), lengths, 0, self.start,
+                           head=None if shared is None else shared[0])
+        rows = [row[:m].float() for row, m in zip(h, lengths)]
+        return [torch.cat([shared[1], r]) for r in rows] if shared is not None else [r.clone() for r in rows]
+
     def _prefix(self, keys: list[tuple[int, int]], progress: bool = False) -> list[torch.Tensor]:
         """Hidden states entering layer ``start`` for (example, variant) keys; variant 0 is clean."""
         # similar lengths together: right padding is wasted work in the 20-odd layers below
@@ -240,12 +345,8 @@ class Trainer:
         for i in range(0, len(missing), self.cfg.eval_batch_size):
             chunk = missing[i: i + self.cfg.eval_batch_size]
             prog.update(i + len(chunk))
-            encs = [self._enc(k) for k in chunk]
-            ids = pad_right([torch.tensor(e.ids, device=self.device) for e in encs])
-            lengths = [len(e.ids) for e in encs]
-            h = run_layers(self.parts, self.parts.embed(ids), lengths, 0, self.start)
-            for k, e, row in zip(chunk, encs, h):
-                self._cache[k] = row[: len(e.ids)].clone()
+            for k, row in zip(chunk, self._frozen([self._enc(k) for k in chunk])):
+                self._cache[k] = row
         prog.close()
         return [self._cache[k] for k in keys]
 
@@ -253,19 +354,20 @@ class Trainer:
         i, v = key
         return self.clean[i] if v == 0 else self.noisy[i][v - 1]
 
-    def _hidden(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, list[Encoded]]:
+    def _hidden(self, keys: list[tuple[int, int]], h0: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[Encoded]]:
         encs = [self._enc(k) for k in keys]
         lengths = [len(e.ids) for e in encs]
-        if self.start == 0:
-            ids = pad_right([torch.tensor(e.ids, device=self.device) for e in encs])
-            h0 = self.parts.embed(ids)
-        else:
+        if h0 is None and self.start == 0:
+            h0 = self.parts.embed(pad_right([torch.tensor(e.ids, device=self.device) for e in encs]))
+        elif h0 is None:
             h0 = pad_right(self._prefix(keys))
         return self.parts.norm(run_layers(self.parts, h0, lengths, self.start)), encs
 
-    def _logits(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, keys: list[tuple[int, int]], h0: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions that predict completion tokens, and those tokens (aligned, flattened)."""
-        h, encs = self._hidden(keys)
+        h, encs = self._hidden(keys, h0)
         rows, cols, targets = [], [], []
         for b, e in enumerate(encs):
             for j in range(e.n_prompt, len(e.ids)):

@@ -16,10 +16,18 @@ from tsugiki.adapters.store import AdapterStore
 from tsugiki.config import ModelConfig
 from tsugiki.serve.base_model import load_base_model
 from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
-from tsugiki.tuning.data import DataError, Example, label_prompt, load_jsonl, read_examples, split
+from tsugiki.tuning.data import (
+    LABEL_TEMPLATE,
+    DataError,
+    Example,
+    label_prompt,
+    load_jsonl,
+    read_examples,
+    split,
+)
 from tsugiki.tuning.gate import decide, negative_flip_rate
 from tsugiki.tuning.job import build_model, choose_layers, run_local, set_strength
-from tsugiki.tuning.trainer import Trainer, noisy_copies
+from tsugiki.tuning.trainer import Encoded, Trainer, frozen_bfloat16, noisy_copies, shared_head
 
 WORDS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
          "hello world how are you", "the quick brown fox", "jumps over the lazy dog", "paris is the capital"]
@@ -143,14 +151,24 @@ def _trainer(tiny_dir: Path, cfg: TuneConfig, ckpt: Path | None = None) -> Train
                    progress=False)
 
 
+def _same_lora_weights(*trainers: Trainer) -> None:
+    """B is zero at init: give every trainer the same non-zero LoRA weights."""
+    with torch.no_grad():
+        for named in zip(*(t.params.items() for t in trainers)):
+            (n, p), rest = named[0], named[1:]
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+            for _, q in rest:
+                q.copy_(p)
+
+
 def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -> None:
-    cached = _trainer(tiny_dir, _cfg(tiny_dir, cache_frozen=True))
+    cached = _trainer(tiny_dir, _cfg(tiny_dir, cache_frozen=True, frozen_dtype="float32"))
     plain = _trainer(tiny_dir, _cfg(tiny_dir, cache_frozen=False))
     assert cached.start == 1 and plain.start == 0
-    with torch.no_grad():  # same LoRA weights (B is zero at init: give both the same non-zero B)
-        for (n, p), (_, q) in zip(cached.params.items(), plain.params.items()):
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
-            q.copy_(p)
+    # the template's head is computed once and shared: its tokens are the same in every input
+    head = cached.tok.decode(list(cached.head_ids))
+    assert head and LABEL_TEMPLATE.startswith(head.strip()) and not plain.head_ids
+    _same_lora_weights(cached, plain)
     la, lb = cached.loss([0, 1, 2, 5], 0), plain.loss([0, 1, 2, 5], 0)
     la.backward()
     lb.backward()
@@ -158,6 +176,28 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -
     for (n, p), (_, q) in zip(cached.params.items(), plain.params.items()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), n
         assert ".layers.1." in n  # only the chosen upper layer is trainable
+
+
+def test_bfloat16_frozen_pass_stays_close_and_training_stays_float32(tiny_dir: Path) -> None:
+    fast = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="bfloat16"))
+    exact = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="float32"))
+    assert fast.frozen_bf16 and not exact.frozen_bf16
+    _same_lora_weights(fast, exact)
+    la, lb = fast.loss([0, 1, 2, 5], 0), exact.loss([0, 1, 2, 5], 0)
+    assert la.dtype == torch.float32 and all(h.dtype == torch.float32 for h in fast._cache.values())
+    assert float(la) == pytest.approx(float(lb), rel=2e-2)  # bfloat16 keeps ~3 significant digits
+    assert float(la) != float(lb)  # it really ran in bfloat16
+
+
+def test_shared_head_and_precision_choice() -> None:
+    enc = lambda *ids: Encoded(tuple(ids), 1)  # noqa: E731
+    assert shared_head([enc(1, 2, 3, 4), enc(1, 2, 5), enc(1, 2, 3)]) == (1, 2)
+    assert shared_head([enc(1, 2, 3), enc(1, 2, 3)]) == (1, 2)  # each keeps a token of its own
+    assert shared_head([enc(1, 2), enc(3, 2)]) == () and shared_head([]) == ()
+    cpu = torch.device("cpu")
+    assert frozen_bfloat16("bfloat16", cpu) and not frozen_bfloat16("float32", cpu)
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert frozen_bfloat16("auto", cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_training_lowers_the_loss_and_full_method_trains_everything(tiny_dir: Path) -> None:
