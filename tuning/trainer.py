@@ -7,9 +7,11 @@ LoRA on layers ``L0..`` only:
 * the hidden states entering layer ``L0`` depend on the input alone, so each distinct input (a clean example
   or one of its fixed corrupted copies) goes through layers ``0..L0-1`` **once**, not once per epoch
   (``cache_frozen``);
-* in that frozen pass the token head all inputs share (a prompt template's first line: 11 of the ~29 tokens of a
-  CLINC150 example) is computed once and its keys and values reused, and where the hardware computes bfloat16
-  natively the pass runs in it (``frozen_dtype``; about twice as fast, the weights being trained never see it);
+* the token head all inputs share (a prompt template's first line: 11 of the ~29 tokens of a CLINC150 example)
+  goes through the frozen layers once per run and through the trained ones once per batch, its keys and values
+  reused by every input (exact: the same loss and gradients, for full fine-tuning too);
+* where the hardware computes bfloat16 natively the frozen pass runs in it (``frozen_dtype``; about twice as
+  fast; the weights being trained and their computation stay float32);
 * backpropagation starts at the loss and stops at ``L0``;
 * the LM head runs only at the positions that predict completion tokens.
 
@@ -228,10 +230,11 @@ def peak_rss_mb() -> float:
 
 
 def shared_head(encs: Sequence[Encoded]) -> tuple[int, ...]:
-    """The longest token prefix all inputs share, leaving each at least one token of its own."""
+    """The longest token prefix all inputs share, ending before the last prompt token of each (the position that
+    predicts the first completion token stays an input's own)."""
     if not encs:
         return ()
-    first, n = encs[0].ids, min(len(e.ids) for e in encs) - 1
+    first, n = encs[0].ids, min(e.n_prompt for e in encs) - 1
     for e in encs[1:]:
         n = next((j for j in range(n) if e.ids[j] != first[j]), n)
     return tuple(first[:max(n, 0)])
@@ -276,10 +279,12 @@ class Trainer:
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
                                      weight_decay=cfg.weight_decay)
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
-        # the frozen pass: the token head every input shares is computed once, in bfloat16 where the hardware
-        # has it natively (nothing trains there, so only the forward's precision is at stake)
+        # the token head every input shares (a prompt template's first line) goes through each layer once per
+        # batch instead of once per input: once per run in the frozen layers, once per step in the trained ones
+        self.head_ids = shared_head([e for es in ([self.clean] + self.noisy) for e in es])
+        # the frozen pass runs in bfloat16 where the hardware has it natively (nothing trains there, so only the
+        # forward's precision is at stake)
         self.frozen_bf16 = self.start > 0 and frozen_bfloat16(cfg.frozen_dtype, self.device)
-        self.head_ids = shared_head([e for es in ([self.clean] + self.noisy) for e in es]) if self.start else ()
         self._heads: dict[bool, tuple[SharedHead, torch.Tensor]] = {}
         if self.clean:
             self._self_check()
@@ -295,8 +300,7 @@ class Trainer:
             e = self.clean[0]
             ref = self.model(input_ids=torch.tensor([e.ids], device=self.device)).logits[0].float()
             ref = ref[e.n_prompt - 1: len(e.ids) - 1]
-            h0 = self._frozen([e], exact=True)[0][None] if self.start else None
-            mine, _ = self._logits([(0, 0)], h0)
+            mine, _ = self._logits([(0, 0)], exact=True)
         finally:
             self.model.train(was)
         tol = 1e-3 if mine.dtype == torch.float32 and next(self.model.parameters()).dtype == torch.float32 else 5e-2
@@ -312,30 +316,28 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _head(self, exact: bool) -> tuple[SharedHead, torch.Tensor] | None:
-        """The shared head's keys/values in the frozen layers and its hidden states entering layer ``start``."""
-        if not self.head_ids:
-            return None
+    @torch.no_grad()
+    def _head(self, exact: bool) -> tuple[SharedHead, torch.Tensor]:
+        """The shared head's keys/values in the frozen layers, and its hidden states entering layer ``start``
+        [1, n, D] (computed once per precision)."""
+        ids = torch.tensor([self.head_ids], device=self.device)
         if exact not in self._heads:
             head = SharedHead()
-            ids = torch.tensor([self.head_ids], device=self.device)
             with self._precision(exact):
                 h = run_layers(self.parts, self.parts.embed(ids), [len(self.head_ids)], 0, self.start, head=head)
-            self._heads[exact] = (head, h[0].float())
+            self._heads[exact] = (head, h.float())
         return self._heads[exact]
 
     @torch.no_grad()
     def _frozen(self, encs: Sequence[Encoded], exact: bool = False) -> list[torch.Tensor]:
-        """Hidden states entering layer ``start`` (float32, unpadded) of encoded inputs."""
-        shared = self._head(exact)
+        """Hidden states entering layer ``start`` (float32, unpadded) of the inputs' own tokens (after the head)."""
         n = len(self.head_ids)
+        head = self._head(exact)[0] if n else None
         ids = pad_right([torch.tensor(e.ids[n:], device=self.device) for e in encs])
         lengths = [len(e.ids) - n for e in encs]
         with self._precision(exact):
-            h = run_layers(self.parts, self.parts.embed(ids), lengths, 0, self.start,
-                           head=None if shared is None else shared[0])
-        rows = [row[:m].float() for row, m in zip(h, lengths)]
-        return [torch.cat([shared[1], r]) for r in rows] if shared is not None else [r.clone() for r in rows]
+            h = run_layers(self.parts, self.parts.embed(ids), lengths, 0, self.start, head=head)
+        return [row[:m].float().clone() for row, m in zip(h, lengths)]
 
     def _prefix(self, keys: list[tuple[int, int]], progress: bool = False) -> list[torch.Tensor]:
         """Hidden states entering layer ``start`` for (example, variant) keys; variant 0 is clean."""
@@ -354,25 +356,33 @@ class Trainer:
         i, v = key
         return self.clean[i] if v == 0 else self.noisy[i][v - 1]
 
-    def _hidden(self, keys: list[tuple[int, int]], h0: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, list[Encoded]]:
+    def _hidden(self, keys: list[tuple[int, int]], exact: bool = False) -> tuple[torch.Tensor, list[Encoded]]:
+        """Final hidden states [B, T, D] of the inputs' own tokens (position ``t`` is token ``n + t``, after the
+        shared head of ``n`` tokens), right-padded. The head goes through the trained layers once (batch 1)."""
         encs = [self._enc(k) for k in keys]
-        lengths = [len(e.ids) for e in encs]
-        if h0 is None and self.start == 0:
-            h0 = self.parts.embed(pad_right([torch.tensor(e.ids, device=self.device) for e in encs]))
-        elif h0 is None:
-            h0 = pad_right(self._prefix(keys))
-        return self.parts.norm(run_layers(self.parts, h0, lengths, self.start)), encs
+        n = len(self.head_ids)
+        lengths = [len(e.ids) - n for e in encs]
+        if self.start == 0:
+            h0 = self.parts.embed(pad_right([torch.tensor(e.ids[n:], device=self.device) for e in encs]))
+        else:
+            h0 = pad_right(self._frozen(encs, exact=True) if exact else self._prefix(keys))
+        head = None
+        if n:
+            head = SharedHead()
+            ids = torch.tensor([self.head_ids], device=self.device)
+            hh = self.parts.embed(ids) if self.start == 0 else self._head(exact)[1]
+            run_layers(self.parts, hh, [n], self.start, head=head)
+        return self.parts.norm(run_layers(self.parts, h0, lengths, self.start, head=head)), encs
 
-    def _logits(self, keys: list[tuple[int, int]], h0: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, keys: list[tuple[int, int]], exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions that predict completion tokens, and those tokens (aligned, flattened)."""
-        h, encs = self._hidden(keys, h0)
+        h, encs = self._hidden(keys, exact)
+        n = len(self.head_ids)
         rows, cols, targets = [], [], []
         for b, e in enumerate(encs):
             for j in range(e.n_prompt, len(e.ids)):
                 rows.append(b)
-                cols.append(j - 1)
+                cols.append(j - 1 - n)
                 targets.append(e.ids[j])
         sel = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
         return self.parts.head(sel).float(), torch.tensor(targets, device=self.device)

@@ -164,10 +164,11 @@ def _same_lora_weights(*trainers: Trainer) -> None:
 def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -> None:
     cached = _trainer(tiny_dir, _cfg(tiny_dir, cache_frozen=True, frozen_dtype="float32"))
     plain = _trainer(tiny_dir, _cfg(tiny_dir, cache_frozen=False))
+    plain.head_ids = ()  # every input through every layer on its own: the reference
     assert cached.start == 1 and plain.start == 0
-    # the template's head is computed once and shared: its tokens are the same in every input
+    # the template's head is computed once per batch and shared: its tokens are the same in every input
     head = cached.tok.decode(list(cached.head_ids))
-    assert head and LABEL_TEMPLATE.startswith(head.strip()) and not plain.head_ids
+    assert head and LABEL_TEMPLATE.startswith(head.strip())
     _same_lora_weights(cached, plain)
     la, lb = cached.loss([0, 1, 2, 5], 0), plain.loss([0, 1, 2, 5], 0)
     la.backward()
@@ -176,6 +177,19 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -
     for (n, p), (_, q) in zip(cached.params.items(), plain.params.items()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), n
         assert ".layers.1." in n  # only the chosen upper layer is trainable
+
+
+def test_full_fine_tuning_with_the_shared_head_gives_the_same_gradients(tiny_dir: Path) -> None:
+    shared = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
+    plain = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
+    plain.head_ids = ()
+    assert shared.head_ids and shared.start == 0
+    la, lb = shared.loss([0, 3, 4, 7], 1), plain.loss([0, 3, 4, 7], 1)
+    la.backward()
+    lb.backward()
+    assert float(la) == pytest.approx(float(lb), abs=1e-5)
+    for (n, p), (_, q) in zip(shared.params.items(), plain.params.items()):
+        assert p.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-5), n  # the embeddings too
 
 
 def test_bfloat16_frozen_pass_stays_close_and_training_stays_float32(tiny_dir: Path) -> None:
@@ -190,9 +204,9 @@ def test_bfloat16_frozen_pass_stays_close_and_training_stays_float32(tiny_dir: P
 
 
 def test_shared_head_and_precision_choice() -> None:
-    enc = lambda *ids: Encoded(tuple(ids), 1)  # noqa: E731
-    assert shared_head([enc(1, 2, 3, 4), enc(1, 2, 5), enc(1, 2, 3)]) == (1, 2)
-    assert shared_head([enc(1, 2, 3), enc(1, 2, 3)]) == (1, 2)  # each keeps a token of its own
+    enc = lambda *ids: Encoded(tuple(ids), len(ids) - 1)  # noqa: E731  (the last token is the completion)
+    assert shared_head([enc(1, 2, 3, 4, 9), enc(1, 2, 5, 9), enc(1, 2, 3, 9)]) == (1, 2)
+    assert shared_head([enc(1, 2, 3, 9), enc(1, 2, 3, 8)]) == (1, 2)  # the last prompt token stays each one's
     assert shared_head([enc(1, 2), enc(3, 2)]) == () and shared_head([]) == ()
     cpu = torch.device("cpu")
     assert frozen_bfloat16("bfloat16", cpu) and not frozen_bfloat16("float32", cpu)
