@@ -68,7 +68,8 @@ def configs(args: argparse.Namespace) -> dict:
     return {
         "plain_lora": TuneConfig(layers="all", robust=None, learning_rate=args.lora_lr, **common),
         "robust_partial": TuneConfig(layers="upper", num_layers=args.num_layers, learning_rate=args.lora_lr,
-                                     robust=RobustConfig(severity=args.severity), **common),
+                                     robust=RobustConfig(severity=args.severity), frozen_dtype=args.frozen_dtype,
+                                     **common),
         "full_ft": TuneConfig(method="full", robust=None, learning_rate=args.full_lr, **common),
     }
 
@@ -80,7 +81,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
     from tsugiki.tuning.data import TuningData
     from tsugiki.tuning.job import fit, pick_strength
-    from tsugiki.tuning.trainer import evaluate, peak_rss_mb
+    from tsugiki.tuning.trainer import evaluate, frozen_bfloat16, peak_rss_mb
 
     threads = set_torch_threads(args.threads)
     train, val, test = task(args)
@@ -96,7 +97,9 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
         t0 = time.time()
         model, res = fit(cfg, loaded, data, progress=True)
         # all of fit(): layer choice, model build, encoding and corrupting, the frozen pass, the steps
-        out.update(train_seconds=time.time() - t0, loop_seconds=res.seconds, steps=res.steps,
+        frozen = "none" if min(res.layers) == 0 or cfg.method == "full" else (
+            "bfloat16" if frozen_bfloat16(cfg.frozen_dtype, next(model.parameters()).device) else "float32")
+        out.update(train_seconds=time.time() - t0, frozen_pass=frozen, loop_seconds=res.seconds, steps=res.steps,
                    trainable_params=res.trainable_params, layers=res.layers,
                    final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
         if cfg.robust is not None:
@@ -126,6 +129,8 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=3e-3)
     ap.add_argument("--full-lr", type=float, default=1e-4)
     ap.add_argument("--severity", type=float, default=0.3)
+    ap.add_argument("--frozen-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="precision of robust_partial's frozen pass (TuneConfig.frozen_dtype)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
@@ -153,12 +158,12 @@ def main() -> None:
           f"torch threads {r0['torch_threads']}")
     cols = ["clean"] + FAMILIES
     print(f"{'method':16s} " + " ".join(f"{c:>11s}" for c in cols) + f" {'train s':>8s} {'peak MB':>8s} "
-          f"{'trainable':>11s}")
+          f"{'trainable':>11s} {'frozen pass':>11s}")
     for m, r in results.items():
         a = r["accuracy"]
         print(f"{m:16s} " + " ".join(f"{a[c]:11.3f}" for c in cols)
               + f" {r.get('train_seconds', 0):8.0f} {r.get('peak_rss_mb', r['rss_before_mb']):8.0f} "
-              f"{r.get('trainable_params', 0):11d}")
+              f"{r.get('trainable_params', 0):11d} {r.get('frozen_pass', '-'):>11s}")
     if {"plain_lora", "robust_partial"} <= results.keys():
         p, q = results["plain_lora"]["accuracy"], results["robust_partial"]["accuracy"]
         dp, dq = p["clean"] - p["typos"], q["clean"] - q["typos"]
