@@ -388,13 +388,16 @@ class Trainer:
         return self.parts.head(sel).float(), torch.tensor(targets, device=self.device)
 
     def loss(self, batch: list[int], epoch: int) -> torch.Tensor:
-        logits, target = self._logits([(i, 0) for i in batch])
-        loss = F.cross_entropy(logits, target)
         rc = self.cfg.robust
-        noisy = [i for i in batch if self.noisy[i]]
+        noisy = [i for i in batch if self.noisy[i]] if rc is not None else []
+        # clean inputs and this epoch's noisy copies in one pass through the trained layers
+        keys = [(i, 0) for i in batch] + [(i, 1 + (epoch % len(self.noisy[i]))) for i in noisy]
+        all_logits, all_target = self._logits(keys)
+        n_clean = sum(len(self.clean[i].ids) - self.clean[i].n_prompt for i in batch)
+        logits, target = all_logits[:n_clean], all_target[:n_clean]
+        loss = F.cross_entropy(logits, target)
         if rc is not None and noisy:
-            keys = [(i, 1 + (epoch % len(self.noisy[i]))) for i in noisy]
-            n_logits, n_target = self._logits(keys)
+            n_logits, n_target = all_logits[n_clean:], all_target[n_clean:]
             loss = loss + F.cross_entropy(n_logits, n_target)
             if rc.consistency_weight > 0:
                 # KL(clean || noisy) over the same completion tokens; the clean prediction is the teacher

@@ -179,6 +179,23 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -
         assert ".layers.1." in n  # only the chosen upper layer is trainable
 
 
+def test_robust_loss_is_clean_plus_noisy_cross_entropy_plus_consistency(tiny_dir: Path) -> None:
+    t = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="float32"))
+    _same_lora_weights(t)
+    batch = [0, 1, 2, 5]
+    with torch.no_grad():
+        got = float(t.loss(batch, 1))
+        c_logits, c_target = t._logits([(i, 0) for i in batch])
+        n_logits, n_target = t._logits([(i, 1) for i in batch])  # one copy each: epoch 1 uses copy 1 too
+    assert all(len(t.noisy[i]) == 1 for i in batch) and torch.equal(c_target, n_target)
+    F = torch.nn.functional
+    kl = F.kl_div(n_logits.log_softmax(-1), c_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert t.cfg.robust is not None
+    w = t.cfg.robust.consistency_weight
+    want = F.cross_entropy(c_logits, c_target) + F.cross_entropy(n_logits, n_target) + w * kl
+    assert got == pytest.approx(float(want), abs=1e-5) and float(kl) > 0
+
+
 def test_full_fine_tuning_with_the_shared_head_gives_the_same_gradients(tiny_dir: Path) -> None:
     shared = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
     plain = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
