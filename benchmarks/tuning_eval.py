@@ -3,6 +3,7 @@ LoRA, full fine-tuning and the zero-shot base model.
 
     python benchmarks/tuning_eval.py                       # all four methods, each in its own process
     python benchmarks/tuning_eval.py --per-intent 10       # a smaller task
+    python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (~18 min)
 
 Task (stated in the output): 5 CLINC150 domains (banking, credit_cards, kitchen_and_dining, travel, utility;
 75 intents), ``--per-intent`` training queries per intent from the official train split, test on
@@ -28,6 +29,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
 DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "travel", "utility"]
 FAMILIES = ["typos", "keyboard", "ocr", "delete", "mojibake", "code_switch"]
 METHODS = ["zero_shot", "plain_lora", "robust_partial", "full_ft"]
+EXTRA_METHODS = ["robust_all"]  # opt-in (--methods): the robust recipe on every layer, ~18 min on 2 cores
 
 
 def log(msg: str) -> None:
@@ -71,6 +73,8 @@ def configs(args: argparse.Namespace) -> dict:
                                      robust=RobustConfig(severity=args.severity), frozen_dtype=args.frozen_dtype,
                                      **common),
         "full_ft": TuneConfig(method="full", robust=None, learning_rate=args.full_lr, **common),
+        "robust_all": TuneConfig(layers="all", learning_rate=args.lora_lr, robust=RobustConfig(severity=args.severity),
+                                 **common),
     }
 
 
@@ -133,7 +137,7 @@ def main() -> None:
                     help="precision of robust_partial's frozen pass (TuneConfig.frozen_dtype)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=METHODS + EXTRA_METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tuning_eval.json"))
     args = ap.parse_args()
     if args.only:
@@ -178,7 +182,9 @@ def main() -> None:
               f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); "
               f"clean difference robust - full {q['accuracy']['clean'] - f['accuracy']['clean']:+.3f} (bar >= -0.01)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    # a run of some methods updates their entries and keeps the others' (all runs use the same task)
+    kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    args.out.write_text(json.dumps({**kept, **results}, indent=1))
     log(f"wrote {args.out}")
 
 
