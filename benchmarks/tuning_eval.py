@@ -62,6 +62,12 @@ def task(args: argparse.Namespace) -> tuple[list, list, list]:
     return train, val, test
 
 
+def task_key(args: argparse.Namespace) -> dict:
+    """What makes two methods' results comparable (kept with each result)."""
+    return {k: getattr(args, k) for k in ("per_intent", "test_per_intent", "epochs", "batch_size", "severity",
+                                          "threads")}
+
+
 def configs(args: argparse.Namespace) -> dict:
     from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
 
@@ -92,8 +98,8 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     loaded = load_base_model(ModelConfig(), progress=False)
     tok = loaded.tokenizer
     rss0 = peak_rss_mb()
-    out: dict = {"method": method, "torch_threads": threads, "train": len(train), "val": len(val),
-                 "test": len(test), "rss_before_mb": rss0}
+    out: dict = {"method": method, "task": task_key(args), "torch_threads": threads, "train": len(train),
+                 "val": len(val), "test": len(test), "rss_before_mb": rss0}
     model = loaded.model
     if method != "zero_shot":
         cfg = configs(args)[method]
@@ -182,8 +188,9 @@ def main() -> None:
               f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); "
               f"clean difference robust - full {q['accuracy']['clean'] - f['accuracy']['clean']:+.3f} (bar >= -0.01)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # a run of some methods updates their entries and keeps the others' (all runs use the same task)
+    # a run of some methods updates their entries and keeps the others' that were measured on the same task
     kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    kept = {m: r for m, r in kept.items() if r.get("task") == task_key(args)}
     args.out.write_text(json.dumps({**kept, **results}, indent=1))
     log(f"wrote {args.out}")
 

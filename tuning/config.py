@@ -100,7 +100,8 @@ class TuneConfig(_Frozen):
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="Precision of the one-time pass through the frozen layers below the lowest "
                                     "tuned layer: 'auto' is bfloat16 where the hardware computes it natively "
-                                    "(AVX512-BF16/AMX CPUs, bf16 GPUs), else float32. Training stays float32.")
+                                    "(AVX512-BF16/AMX CPUs, bf16 GPUs), else float32. Training keeps the "
+                                    "model's precision.")
     checkpoint_every: int = Field(default=50, gt=0, description="Steps between resumable checkpoints.")
     eval_batch_size: int = Field(default=32, gt=0)
     max_eval_examples: int = Field(default=400, gt=0, description="Validation examples scored per check.")

@@ -9,9 +9,9 @@ LoRA on layers ``L0..`` only:
   (``cache_frozen``);
 * the token head all inputs share (a prompt template's first line: 11 of the ~29 tokens of a CLINC150 example)
   goes through the frozen layers once per run and through the trained ones once per batch, its keys and values
-  reused by every input (exact: the same loss and gradients, for full fine-tuning too);
+  reused by every input (without dropout exact: the same loss and gradients, for full fine-tuning too);
 * where the hardware computes bfloat16 natively the frozen pass runs in it (``frozen_dtype``; about twice as
-  fast; the weights being trained and their computation stay float32);
+  fast; training keeps the model's own precision);
 * backpropagation starts at the loss and stops at ``L0``;
 * the LM head runs only at the positions that predict completion tokens.
 
@@ -246,7 +246,7 @@ def frozen_bfloat16(setting: str, device: torch.device) -> bool:
     if setting != "auto":
         return setting == "bfloat16"
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type != "cpu":
         return False
     try:
@@ -285,6 +285,7 @@ class Trainer:
         # the frozen pass runs in bfloat16 where the hardware has it natively (nothing trains there, so only the
         # forward's precision is at stake)
         self.frozen_bf16 = self.start > 0 and frozen_bfloat16(cfg.frozen_dtype, self.device)
+        self.dtype = self.parts.embed.weight.dtype  # what the trained layers compute in
         self._heads: dict[bool, tuple[SharedHead, torch.Tensor]] = {}
         if self.clean:
             self._self_check()
@@ -325,19 +326,20 @@ class Trainer:
             head = SharedHead()
             with self._precision(exact):
                 h = run_layers(self.parts, self.parts.embed(ids), [len(self.head_ids)], 0, self.start, head=head)
-            self._heads[exact] = (head, h.float())
+            self._heads[exact] = (head, h.to(self.dtype))
         return self._heads[exact]
 
     @torch.no_grad()
     def _frozen(self, encs: Sequence[Encoded], exact: bool = False) -> list[torch.Tensor]:
-        """Hidden states entering layer ``start`` (float32, unpadded) of the inputs' own tokens (after the head)."""
+        """Hidden states entering layer ``start`` (the model's dtype, unpadded) of the inputs' own tokens (after
+        the head)."""
         n = len(self.head_ids)
         head = self._head(exact)[0] if n else None
         ids = pad_right([torch.tensor(e.ids[n:], device=self.device) for e in encs])
         lengths = [len(e.ids) - n for e in encs]
         with self._precision(exact):
             h = run_layers(self.parts, self.parts.embed(ids), lengths, 0, self.start, head=head)
-        return [row[:m].float().clone() for row, m in zip(h, lengths)]
+        return [row[:m].to(self.dtype).clone() for row, m in zip(h, lengths)]
 
     def _prefix(self, keys: list[tuple[int, int]], progress: bool = False) -> list[torch.Tensor]:
         """Hidden states entering layer ``start`` for (example, variant) keys; variant 0 is clean."""
@@ -439,7 +441,8 @@ class Trainer:
         if moments:
             save_file(moments, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "optimizer_steps": steps,
-                                                    "config": self.cfg.fingerprint()}))
+                                                    "config": self.cfg.fingerprint(),
+                                                    "frozen_bf16": self.frozen_bf16}))
         old = self.ckpt.with_name(self.ckpt.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if self.ckpt.exists():
@@ -456,7 +459,8 @@ class Trainer:
         if not (self.ckpt / "state.json").is_file():
             return 0, []
         state = json.loads((self.ckpt / "state.json").read_text())
-        if state.get("config") != self.cfg.fingerprint():
+        # 'auto' precision resolves per machine: a run moved to other hardware must not mix the two
+        if state.get("config") != self.cfg.fingerprint() or state.get("frozen_bf16", False) != self.frozen_bf16:
             log.warning("checkpoint at %s is from another configuration; starting over", self.ckpt)
             return 0, []
         weights = load_file(str(self.ckpt / "weights.safetensors"), device=str(self.device))

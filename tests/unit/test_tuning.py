@@ -141,9 +141,10 @@ def test_layer_choice(tiny_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _trainer(tiny_dir: Path, cfg: TuneConfig, ckpt: Path | None = None) -> Trainer:
+def _trainer(tiny_dir: Path, cfg: TuneConfig, ckpt: Path | None = None,
+             dtype: torch.dtype = torch.float32) -> Trainer:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     train = [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(16)]
     layers, _ = choose_layers(cfg, model, tok, train)
@@ -218,6 +219,15 @@ def test_bfloat16_frozen_pass_stays_close_and_training_stays_float32(tiny_dir: P
     assert la.dtype == torch.float32 and all(h.dtype == torch.float32 for h in fast._cache.values())
     assert float(la) == pytest.approx(float(lb), rel=2e-2)  # bfloat16 keeps ~3 significant digits
     assert float(la) != float(lb)  # it really ran in bfloat16
+
+
+@pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
+def test_a_bfloat16_model_trains_in_its_own_dtype(tiny_dir: Path, frozen_dtype: str) -> None:
+    t = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype=frozen_dtype), dtype=torch.bfloat16)  # as on a GPU
+    assert t.start == 1 and t.dtype == torch.bfloat16
+    res = t.train(stop_after=2)
+    assert res.steps == 2 and all(np.isfinite(res.losses))
+    assert all(h.dtype == torch.bfloat16 for h in t._cache.values())
 
 
 def test_shared_head_and_precision_choice() -> None:
