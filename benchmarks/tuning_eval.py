@@ -91,7 +91,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
     from tsugiki.tuning.data import TuningData
     from tsugiki.tuning.job import fit, pick_strength
-    from tsugiki.tuning.trainer import evaluate, frozen_bfloat16, peak_rss_mb
+    from tsugiki.tuning.trainer import evaluate, peak_rss_mb
 
     threads = set_torch_threads(args.threads)
     train, val, test = task(args)
@@ -107,9 +107,8 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
         t0 = time.time()
         model, res = fit(cfg, loaded, data, progress=True)
         # all of fit(): layer choice, model build, encoding and corrupting, the frozen pass, the steps
-        frozen = "none" if min(res.layers) == 0 or cfg.method == "full" else (
-            "bfloat16" if frozen_bfloat16(cfg.frozen_dtype, next(model.parameters()).device) else "float32")
-        out.update(train_seconds=time.time() - t0, frozen_pass=frozen, loop_seconds=res.seconds, steps=res.steps,
+        out.update(train_seconds=time.time() - t0, frozen_pass=res.frozen_pass, loop_seconds=res.seconds,
+                   steps=res.steps,
                    trainable_params=res.trainable_params, layers=res.layers,
                    final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
         if cfg.robust is not None:

@@ -75,8 +75,8 @@ class OutcomeRecorder:
             # keep them for the next flush (a restarting controller is back in seconds); the buffer stays bounded
             room = max(0, (self._rows.maxlen or 0) - len(self._rows))
             cap_room = max(0, (self._captures.maxlen or 0) - len(self._captures))
-            keep_rows, keep_caps = (rows[len(rows) - room:] if room else []), (caps[len(caps) - cap_room:] if cap_room
-                                                                                 else [])
+            # the newest that fit (a start index below 0 would wrap around)
+            keep_rows, keep_caps = rows[max(0, len(rows) - room):], caps[max(0, len(caps) - cap_room):]
             self._rows.extendleft(reversed(keep_rows))
             self._captures.extendleft(reversed(keep_caps))
             self.dropped += len(rows) - len(keep_rows) + len(caps) - len(keep_caps)

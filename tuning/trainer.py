@@ -221,6 +221,7 @@ class TrainResult:
     resumed_from: int = 0
     losses: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    frozen_pass: str = "none"  # precision of the one-time pass below the lowest tuned layer; 'none': no such pass
 
 
 def peak_rss_mb() -> float:
@@ -286,6 +287,8 @@ class Trainer:
         # forward's precision is at stake)
         self.frozen_bf16 = self.start > 0 and frozen_bfloat16(cfg.frozen_dtype, self.device)
         self.dtype = self.parts.embed.weight.dtype  # what the trained layers compute in
+        self.frozen_pass = ("none" if self.start == 0 else "bfloat16" if self.frozen_bf16
+                            else str(self.dtype).removeprefix("torch."))
         self._heads: dict[bool, tuple[SharedHead, torch.Tensor]] = {}
         if self.clean:
             self._self_check()
@@ -522,7 +525,7 @@ class Trainer:
         tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
         return TrainResult(steps=step, seconds=seconds, final_loss=float(np.mean(tail)), trainable_params=n,
                            layers=self.layers, layer_scores=self.layer_scores, resumed_from=resumed,
-                           losses=losses, peak_rss_mb=peak_rss_mb())
+                           losses=losses, peak_rss_mb=peak_rss_mb(), frozen_pass=self.frozen_pass)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

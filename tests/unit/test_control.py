@@ -280,3 +280,29 @@ def test_failures_end_as_outcomes_not_stuck_state(env: Env, lora_other: Path) ->
     data = (Path(ref.detail["data_path"])).read_text()
     assert data.count('"label": "garage"') == 6 and "two" not in data
     assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+
+
+def test_outcomes_kept_for_a_retry_fill_the_buffer_newest_first() -> None:
+    import asyncio
+
+    from tsugiki.serve.outcomes import OutcomeRecorder
+
+    arriving: list[dict[str, Any]] = []
+
+    async def sink(rows: list[dict[str, Any]], caps: list[Any]) -> None:
+        for r in arriving:  # rows that replicas add while the write is in flight
+            rec.add(r)
+        arriving.clear()
+        raise ConnectionError("controller restarting")
+
+    async def run() -> None:
+        for i in range(3):
+            rec.add({"request_id": f"a{i}"})
+        await rec.flush()  # fails: all 3 fit the empty buffer of 5, none is dropped
+        assert [r["request_id"] for r in rec._rows] == ["a0", "a1", "a2"] and rec.dropped == 0
+        arriving.extend({"request_id": f"b{i}"} for i in range(4))
+        await rec.flush()  # fails again while 4 new rows arrive: only the newest failed one still fits
+        assert [r["request_id"] for r in rec._rows] == ["a2", "b0", "b1", "b2", "b3"] and rec.dropped == 2
+
+    rec = OutcomeRecorder(sink, max_buffer=5)
+    asyncio.run(run())

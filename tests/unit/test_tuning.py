@@ -230,15 +230,22 @@ def test_a_bfloat16_model_trains_in_its_own_dtype(tiny_dir: Path, frozen_dtype: 
     assert all(h.dtype == torch.bfloat16 for h in t._cache.values())
 
 
-def test_shared_head_and_precision_choice() -> None:
+def test_shared_head_and_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     enc = lambda *ids: Encoded(tuple(ids), len(ids) - 1)  # noqa: E731  (the last token is the completion)
     assert shared_head([enc(1, 2, 3, 4, 9), enc(1, 2, 5, 9), enc(1, 2, 3, 9)]) == (1, 2)
     assert shared_head([enc(1, 2, 3, 9), enc(1, 2, 3, 8)]) == (1, 2)  # the last prompt token stays each one's
     assert shared_head([enc(1, 2), enc(3, 2)]) == () and shared_head([]) == ()
     cpu = torch.device("cpu")
     assert frozen_bfloat16("bfloat16", cpu) and not frozen_bfloat16("float32", cpu)
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    assert frozen_bfloat16("auto", cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    for cpuinfo, native in [("flags : fpu avx512f amx_bf16 amx_tile", True), ("flags : avx512f avx512_bf16", True),
+                            ("flags : fpu avx2 avx512f", False), (OSError("no /proc"), False)]:
+        def read(self: Path, *a: object, cpuinfo: object = cpuinfo, **k: object) -> str:
+            if isinstance(cpuinfo, OSError):
+                raise cpuinfo
+            return str(cpuinfo)
+
+        monkeypatch.setattr(Path, "read_text", read)
+        assert frozen_bfloat16("auto", cpu) is native, cpuinfo
 
 
 def test_training_lowers_the_loss_and_full_method_trains_everything(tiny_dir: Path) -> None:
