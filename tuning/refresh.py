@@ -168,7 +168,7 @@ class Refresher:
         except NotEnoughData as e:
             self.metrics.refreshes.labels(ref.alias, "skipped").inc()
             logger.warning("refresh skipped", extra={"alias": ref.alias, "why": str(e)})
-            return self.registry.update_refresh(ref.id, state="skipped", detail={"why": str(e), **e.counts})
+            return self.registry.update_refresh(ref.id, state="skipped", detail={"why": str(e), "counts": e.counts})
         ref = self.registry.update_refresh(ref.id, state="running", detail=plan)
         stable = self.registry.get(*parse_key(plan["stable"]))
         cfg = TuneConfig(**{**stable.tuning_config.get("tune", {}), **self.config.tune})

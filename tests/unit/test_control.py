@@ -189,6 +189,7 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
     ref = env.plane.registry.refreshes("support")[-1]
     assert ref.state == "skipped" and "0 labelled captures" in ref.detail["why"]
+    assert ref.detail["counts"] == {"original": 1, "labelled_captures": 0, "min_labelled": 5}  # as a run's are
 
     bad = env.client.post("/v1/alerts/alertmanager", content=b"not json")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
@@ -306,3 +307,62 @@ def test_outcomes_kept_for_a_retry_fill_the_buffer_newest_first() -> None:
 
     rec = OutcomeRecorder(sink, max_buffer=5)
     asyncio.run(run())
+
+
+def test_control_loop_stops_after_its_step_and_quietly_when_the_process_exits(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    steps: list[str] = []
+
+    async def step() -> list[dict[str, Any]]:
+        steps.append("start")
+        await asyncio.sleep(0.2)  # a stop() arriving now waits for the step to end instead of cutting it
+        steps.append("end")
+        return []
+
+    async def stop_mid_step() -> None:
+        env.plane.step = step  # type: ignore[method-assign]
+        env.plane.start()
+        await asyncio.sleep(0.05)
+        task = env.plane._loop_task
+        await env.plane.stop()
+        assert task is not None and task.done() and not task.cancelled()
+
+    env.client.portal.call(stop_mid_step)  # type: ignore[union-attr]
+    assert steps == ["start", "end"]
+
+    async def exiting() -> list[dict[str, Any]]:  # what asyncio.to_thread raises once the interpreter exits
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    async def run_until_exit() -> None:
+        env.plane.step = exiting  # type: ignore[method-assign]
+        env.plane._stopping.clear()
+        await asyncio.wait_for(env.plane._run(), 5)  # returns instead of retrying every tick
+
+    with caplog.at_level("INFO", logger="tsugiki.serve.control"):
+        env.client.portal.call(run_until_exit)  # type: ignore[union-attr]
+    assert [r.levelname for r in caplog.records] == ["INFO"], caplog.text
+
+
+def test_drain_hands_over_buffered_monitor_observations(tiny_dir: Path, tmp_path: Path) -> None:
+    """What a replica does when it shuts down: nothing it accepted stays in its buffers."""
+    shipped: list[dict[str, Any]] = []
+
+    async def sink(batch: list[dict[str, Any]]) -> None:
+        shipped.extend(batch)
+
+    settings = load_settings(model={"base_model": str(tiny_dir), "served_name": "tiny"},
+                             adapters={"store_dir": str(tmp_path / "store")})
+    server = ModelServer(settings, monitor_sink=sink)
+    server.shipper.interval_s = 3600.0  # no background flush during the test
+    try:
+        with TestClient(build_app(LocalClient(server, None), settings.server)) as client:
+            for i in range(3):
+                r = client.post("/v1/completions", json={"model": "tiny", "prompt": f"hello {i}", "max_tokens": 1})
+                assert r.status_code == 200, r.text
+            assert shipped == []
+            client.portal.call(server.drain)  # type: ignore[union-attr]
+            assert len(shipped) == 3
+    finally:
+        server.shutdown()
