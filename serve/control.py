@@ -78,6 +78,7 @@ class ControlPlane:
         self.roots = settings.adapter_roots()
         self._refresh_task: asyncio.Task[Any] | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.last_tick: list[dict[str, Any]] = []
 
     # ---- the loop ----------------------------------------------------------------------------------------------
@@ -86,19 +87,34 @@ class ControlPlane:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
-        for t in (self._loop_task, self._refresh_task):
-            if t is not None:
-                t.cancel()
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Let the running step finish (up to ``timeout_s``), then end the loop; a running refresh is cancelled
+        (a restarted controller resumes it from its checkpoint)."""
+        self._stopping.set()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(self._loop_task, timeout_s)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
         self._loop_task = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.step()
+            except RuntimeError as e:
+                if "after shutdown" in str(e):  # the process is exiting (the thread pool is gone): stop quietly
+                    logger.info("control loop stopped: the process is shutting down")
+                    return
+                logger.exception("control step failed")
             except Exception:  # the loop must outlive any one failure; the next tick retries
                 logger.exception("control step failed")
-            await asyncio.sleep(self.cfg.tick_s)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.cfg.tick_s)
+            except asyncio.TimeoutError:
+                pass
 
     async def step(self) -> list[dict[str, Any]]:
         """One round: drift alarms -> refresh requests, rollout decisions, refreshes, rollouts of new candidates."""

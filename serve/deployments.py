@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 HUB_NAME = "tsugiki-telemetry"
 HUB_NAMESPACE = "tsugiki"
 PUSH_INTERVAL_S = 2.0
+DRAIN_TIMEOUT_S = 10.0  # below Ray Serve's default graceful_shutdown_timeout_s (20 s)
 
 
 @ray.remote(num_cpus=0)
@@ -86,6 +87,9 @@ class _PushesMetrics:
             except Exception:  # metrics must never take a replica down
                 logger.warning("metrics push failed", exc_info=True)
             await asyncio.sleep(PUSH_INTERVAL_S)
+
+    def _stop_push(self) -> None:
+        self._pusher.cancel()
 
 
 @serve.deployment(name="Monitor", num_replicas=1, max_ongoing_requests=64)
@@ -144,6 +148,11 @@ class ControllerDeployment(_PushesMetrics):
         self._start_push("controller")
         if cfg.controller.enabled:
             self.plane.start()
+
+    async def __del__(self) -> None:
+        """Graceful shutdown (Ray Serve awaits it): the control loop finishes its step and stops."""
+        self._stop_push()
+        await self.plane.stop()
 
     async def call(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run a control-plane operation; errors come back as plain dicts (see LLMServer._call)."""
@@ -218,6 +227,17 @@ class LLMServer(_PushesMetrics):
 
     async def metrics_text(self) -> str:
         return self.server.metrics_text()
+
+    async def __del__(self) -> None:
+        """Graceful shutdown (Ray Serve awaits it after the replica's last request): buffered outcomes, captures
+        and monitor observations are handed over before the engine stops, so a scale-down or redeploy loses none
+        of what it accepted. Bounded, as Ray Serve's ``graceful_shutdown_timeout_s`` is."""
+        self._stop_push()
+        try:
+            await asyncio.wait_for(self.server.drain(), timeout=DRAIN_TIMEOUT_S)
+        except Exception as e:  # the controller or monitor may be shutting down too
+            logger.warning(f"shutdown drain incomplete: {type(e).__name__}")
+        self.server.shutdown()
 
     def check_health(self) -> None:
         if not self.server.engine._thread.is_alive():

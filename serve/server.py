@@ -391,10 +391,12 @@ class ModelServer:
         return report
 
     async def drain(self) -> None:
-        """Finish running shadow requests and hand every buffered outcome to the controller."""
+        """Finish running shadow requests and hand every buffered outcome to the controller and every buffered
+        observation to the monitor (tests call it; a replica calls it when it shuts down)."""
         while self._shadow_tasks:
             await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
         await self.outcomes.flush()
+        await self.shipper.flush()
 
     def shutdown(self) -> None:
         self.engine.shutdown()
