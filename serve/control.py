@@ -87,17 +87,19 @@ class ControlPlane:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        """Let the running step finish (up to ``timeout_s``), then end the loop; a running refresh is cancelled
-        (a restarted controller resumes it from its checkpoint)."""
+    async def stop(self) -> None:
+        """End the loop now, mid-step if need be: every registry write is one transaction, and a rollout decision
+        recorded but not carried out is completed by the next controller (a step can be waiting on a monitor that
+        is shutting down too, so waiting for it would only delay shutdown). A running refresh is cancelled; a
+        restarted controller resumes it from its checkpoint."""
         self._stopping.set()
-        if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(self._loop_task, timeout_s)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                pass
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
+        for t in (self._loop_task, self._refresh_task):
+            if t is not None and not t.done():
+                t.cancel()
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
         self._loop_task = None
 
     async def _run(self) -> None:

@@ -150,7 +150,7 @@ class ControllerDeployment(_PushesMetrics):
             self.plane.start()
 
     async def __del__(self) -> None:
-        """Graceful shutdown (Ray Serve awaits it): the control loop finishes its step and stops."""
+        """Graceful shutdown (Ray Serve awaits it): the control loop stops (see ControlPlane.stop)."""
         self._stop_push()
         await self.plane.stop()
 
@@ -237,6 +237,8 @@ class LLMServer(_PushesMetrics):
             await asyncio.wait_for(self.server.drain(), timeout=DRAIN_TIMEOUT_S)
         except Exception as e:  # the controller or monitor may be shutting down too
             logger.warning(f"shutdown drain incomplete: {type(e).__name__}")
+        else:
+            logger.info("replica drained: buffered outcomes and observations handed over")
         self.server.shutdown()
 
     def check_health(self) -> None:
