@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, artifact_files, content_digest
+from tsugiki.adapters.format import COMPANION_FILES, CONFIG_FILE, WEIGHTS_FILE, artifact_files, content_digest
 from tsugiki.adapters.store import check_name
 from tsugiki.errors import AdapterError, ArtifactStoreError, ConfigError
 
-ARTIFACT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)  # the only names ever copied; the card is optional
+ARTIFACT_FILES = (CONFIG_FILE, WEIGHTS_FILE, *COMPANION_FILES)  # the only names ever copied; companions optional
 COMPLETE_MARKER = "_COMPLETE"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -261,8 +261,8 @@ class S3Artifacts(ArtifactStore):
         try:
             with _BotoErrors(uri):
                 for f in ARTIFACT_FILES:
-                    if f == CARD_FILE and not self._head(bucket, f"{base}/{f}", uri):
-                        continue  # the card is optional; config and weights must be there
+                    if f in COMPANION_FILES and not self._head(bucket, f"{base}/{f}", uri):
+                        continue  # card and drift reference are optional; config and weights must be there
                     self._s3.download_file(bucket, f"{base}/{f}", str(tmp / f))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,8 @@ from tsugiki.errors import AdapterError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "model_card.json"  # optional provenance written by the tuning job
+REFERENCE_FILE = "drift_reference.safetensors"  # optional drift reference (tsugiki.monitoring.reference)
+COMPANION_FILES = (CARD_FILE, REFERENCE_FILE)  # travel with the weights, outside the content digest
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 

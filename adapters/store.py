@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tsugiki.adapters.format import (
-    CARD_FILE,
+    COMPANION_FILES,
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterRef,
@@ -197,8 +197,9 @@ class AdapterStore:
             try:
                 for f in (CONFIG_FILE, WEIGHTS_FILE):
                     shutil.copyfile(src / f, tmp / f)
-                if (src / CARD_FILE).is_file():  # provenance travels with the weights (not part of the digest)
-                    shutil.copyfile(src / CARD_FILE, tmp / CARD_FILE)
+                for f in COMPANION_FILES:  # provenance and drift reference travel with the weights (not digested)
+                    if (src / f).is_file():
+                        shutil.copyfile(src / f, tmp / f)
                 if content_digest(tmp) != digest:
                     raise AdapterError(f"adapter at {str(src)!r} changed while it was being imported; retry",
                                        param="path")

@@ -72,6 +72,7 @@ class _AdapterState:
     alarm: bool = False
     recent: deque[tuple[str, float, bool, float | None]] = field(default_factory=lambda: deque(maxlen=200))
     dirty: bool = False
+    reference_source: str = "first requests"
 
 
 class Monitor:
@@ -113,11 +114,13 @@ class Monitor:
         collected = sum(len(p) for p in det.pending)
         self.metrics.reference.labels(adapter).set(1.0 if det.ready else collected / det.config.reference_size)
 
-    def set_reference(self, adapter: str, features: np.ndarray) -> dict[str, Any]:
-        """Use ``features`` (e.g. embeddings of the adapter's tuning data) as the adapter's reference."""
+    def set_reference(self, adapter: str, features: np.ndarray, source: str = "given features") -> dict[str, Any]:
+        """Use ``features`` (e.g. the monitor features of the adapter's tuning data, see
+        :mod:`tsugiki.monitoring.reference`) as the adapter's reference; restarts its CUSUM. ``ValueError`` when
+        there are too few of them."""
         st = self._state(adapter)
         st.detector.set_reference(np.asarray(features))
-        st.alarm, st.dirty = False, True
+        st.alarm, st.dirty, st.reference_source = False, True, source
         self._export(adapter, st)
         self._save_adapter(adapter, st)
         return self.status(adapter)
@@ -197,6 +200,7 @@ class Monitor:
                 "alarm": st.alarm, "statistic": det.statistic, "threshold": det.threshold,
                 "requests_seen": det.seen, "alarms": det.alarms,
                 "reference_collected": det.config.reference_size if det.ready else sum(len(p) for p in det.pending),
+                "reference_source": st.reference_source,
                 "config": det.config.model_dump(),
                 "window": {"requests": len(zs), "mean_z": float(np.mean(zs)) if zs else None},
                 "events": self.events(adapter, limit=5)}
@@ -220,6 +224,7 @@ class Monitor:
         d.mkdir(parents=True, exist_ok=True)
         scalars, arrays = st.detector.state_dict()
         scalars["alarm"] = st.alarm
+        scalars["reference_source"] = st.reference_source
         _atomic_write(d / "arrays.npz", lambda f: np.savez(f, **arrays))
         _atomic_write(d / "state.json", lambda f: f.write(json.dumps(scalars).encode()))
         st.dirty = False
@@ -233,7 +238,8 @@ class Monitor:
             except (OSError, ValueError, KeyError) as e:
                 logger.warning(f"ignoring unreadable monitor state in {d}: {e}")
                 continue
-            st = _AdapterState(DriftDetector.from_state(scalars, arrays), alarm=bool(scalars.get("alarm")))
+            st = _AdapterState(DriftDetector.from_state(scalars, arrays), alarm=bool(scalars.get("alarm")),
+                               reference_source=str(scalars.get("reference_source", "first requests")))
             st.recent = deque(maxlen=st.detector.config.window)
             self._adapters[d.name] = st
             self._export(d.name, st)

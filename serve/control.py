@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,12 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from tsugiki.adapters.controller import RolloutController, RolloutMetrics
-from tsugiki.adapters.registry import Registry, VersionState, parse_key
+from tsugiki.adapters.registry import AdapterVersion, Registry, VersionState, parse_key
 from tsugiki.adapters.routing import snapshot
 from tsugiki.adapters.store import inside_roots
 from tsugiki.config import Settings
 from tsugiki.errors import InvalidRequestError, NotFoundError, TsugikiError
+from tsugiki.monitoring.reference import ReferenceSink, ship_reference
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.refresh import Refresher, RefreshMetrics
 
@@ -49,6 +51,9 @@ class ControlPlane:
         settings: application settings (``registry`` and ``controller`` sections).
         monitor_events: ``await monitor_events()`` -> the monitor's recent events, newest first (None: no monitor).
         monitor_alarms: ``await monitor_alarms()`` -> ``{label: alarm raised}``.
+        monitor_reset: ``await monitor_reset(label)``: acknowledge a label's alarm.
+        monitor_reference: ``await monitor_reference(label, features, source)``: a registered version's drift
+            reference, from the features its artifact ships (monitoring/reference.py).
         tune_runner: how refreshes run the tuning job (default: a Ray task).
         base_fingerprint: the served base model's fingerprint, recorded on registered versions.
     """
@@ -57,6 +62,7 @@ class ControlPlane:
                  monitor_events: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
                  monitor_alarms: Callable[[], Awaitable[dict[str, bool]]] | None = None,
                  monitor_reset: Callable[[str], Awaitable[Any]] | None = None,
+                 monitor_reference: ReferenceSink | None = None,
                  tune_runner: Callable[..., dict[str, Any]] | None = None, base_fingerprint: str = "",
                  metrics_registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
@@ -75,6 +81,7 @@ class ControlPlane:
         self.monitor_events = monitor_events
         self.monitor_alarms = monitor_alarms
         self.monitor_reset = monitor_reset
+        self.monitor_reference = monitor_reference
         self.roots = settings.adapter_roots()
         self._refresh_task: asyncio.Task[Any] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -130,7 +137,10 @@ class ControlPlane:
         self.last_tick = await asyncio.to_thread(self.rollouts.tick)
         await self._clear_alarms_of_finished_versions()
         self._run_refreshes()
-        await asyncio.to_thread(self._roll_out_new_candidates)
+        for alias, rec in await asyncio.to_thread(self._new_candidates):
+            await self._ship_reference(rec)  # before traffic reaches it
+            res = await asyncio.to_thread(self.rollouts.start, alias, rec.key, actor="refresh")
+            logger.info("rollout started", extra=res)
         return self.last_tick
 
     async def _poll_drift_events(self) -> None:
@@ -192,16 +202,32 @@ class ControlPlane:
         logger.info("refresh starting", extra={"alias": ref.alias, "refresh": ref.id, "state": ref.state})
         self._refresh_task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.refresher.run, ref))
 
-    def _roll_out_new_candidates(self) -> None:
-        """Start a rollout for every candidate a finished refresh registered and nobody rolled out yet."""
+    def _new_candidates(self) -> list[tuple[str, AdapterVersion]]:
+        """(alias, candidate) for each candidate a finished refresh registered and nobody rolled out yet."""
+        out: dict[str, AdapterVersion] = {}
         for ref in self.registry.refreshes():
-            if ref.state != "done" or ref.candidate is None:
+            if ref.state != "done" or ref.candidate is None or ref.alias in out:
                 continue
             rec = self.registry.get(*parse_key(ref.candidate))
             if rec.state != VersionState.candidate or self.registry.get_rollout(ref.alias) is not None:
                 continue
-            res = self.rollouts.start(ref.alias, ref.candidate, actor="refresh")
-            logger.info("rollout started", extra=res)
+            out[ref.alias] = rec
+        return list(out.items())
+
+    async def _ship_reference(self, rec: AdapterVersion) -> str | None:
+        """The drift reference shipped in ``rec``'s artifact (its tuning data's features) becomes the monitor's
+        reference for the version; None when there is none (the version's first requests become it)."""
+        if self.monitor_reference is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="tsugiki-reference-") as tmp:
+            try:
+                path = await asyncio.to_thread(self.settings.open_artifacts().fetch, rec.artifact_uri,
+                                               Path(tmp) / "artifact")
+            except TsugikiError as e:  # a missing artifact is the rollout's problem, reported there
+                logger.warning(f"no drift reference for {rec.key}: {e}")
+                return None
+            return await ship_reference(path, rec.key, self.monitor_reference,
+                                        base_fingerprint=self.refresher.base_fingerprint)
 
     async def wait_refreshes(self) -> None:
         """Wait for the running refresh, if any (tests and the demo)."""
@@ -255,7 +281,9 @@ class ControlPlane:
             cfg["data_path"] = str(inside_roots(data_path, self.roots, param="data_path", what="data_path"))
         rec = await asyncio.to_thread(self.registry.register, name, real, base_fingerprint=self._fingerprint(real),
                                       tuning_config=cfg, gate_report=_card(real).get("gate", {}), actor=actor)
-        return _version_json(rec)
+        out = _version_json(rec)
+        out["drift_reference"] = await self._ship_reference(rec)
+        return out
 
     def _fingerprint(self, path: Path) -> str:
         base = self.refresher.base_fingerprint

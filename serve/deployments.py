@@ -113,8 +113,8 @@ class MonitorDeployment(_PushesMetrics):
     def reset(self, adapter: str) -> dict[str, Any]:
         return self.monitor.reset(adapter)
 
-    def set_reference(self, adapter: str, features: Any) -> dict[str, Any]:
-        return self.monitor.set_reference(adapter, features)
+    def set_reference(self, adapter: str, features: Any, source: str = "given features") -> dict[str, Any]:
+        return self.monitor.set_reference(adapter, features, source)
 
     def alarms(self) -> dict[str, bool]:
         return self.monitor.alarms()
@@ -132,7 +132,7 @@ class ControllerDeployment(_PushesMetrics):
 
     def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None) -> None:
         cfg = Settings.model_validate(settings)
-        events = alarms = reset = None
+        events = alarms = reset = reference = None
         if monitor is not None:
             async def events() -> list[dict[str, Any]]:
                 return await monitor.events.remote(None, 200)  # type: ignore[no-any-return]
@@ -143,7 +143,11 @@ class ControllerDeployment(_PushesMetrics):
             async def reset(label: str) -> Any:
                 return await monitor.reset.remote(label)
 
-        self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms, monitor_reset=reset)
+            async def reference(label: str, features: Any, source: str) -> Any:
+                return await monitor.set_reference.remote(label, features, source)
+
+        self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms, monitor_reset=reset,
+                                  monitor_reference=reference)
         self.registry = self.plane.metrics_registry
         self._start_push("controller")
         if cfg.controller.enabled:
@@ -189,12 +193,15 @@ class LLMServer(_PushesMetrics):
 
     def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None,
                  controller: DeploymentHandle | None = None) -> None:
-        sink = None
+        sink = reference = None
         if monitor is not None:
             async def sink(batch: list[dict[str, Any]]) -> None:
                 await monitor.observe.remote(batch)
 
-        self.server = ModelServer(Settings.model_validate(settings), monitor_sink=sink,
+            async def reference(label: str, features: Any, source: str) -> Any:
+                return await monitor.set_reference.remote(label, features, source)
+
+        self.server = ModelServer(Settings.model_validate(settings), monitor_sink=sink, monitor_reference=reference,
                                   control=HandleControl(controller) if controller is not None else None)
         self.registry = self.server.registry
         self._start_push("llm")

@@ -39,6 +39,7 @@ from tsugiki.errors import (
 from tsugiki.monitoring.metrics import RequestQualityMetrics
 from tsugiki.monitoring.monitor import FeatureShipper, Observation
 from tsugiki.monitoring.noise import NoiseDetector, NoiseReport
+from tsugiki.monitoring.reference import ReferenceSink, ship_reference
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.serve.engine import AsyncEngine, EngineCore, GenerationRequest, TokenEvent
 from tsugiki.serve.metrics import EngineMetrics
@@ -104,12 +105,16 @@ class ModelServer:
         settings: gateway settings (model, adapters, engine sections are used).
         progress: show a progress bar if the default model must be converted.
         registry: Prometheus registry for engine metrics (a fresh one by default).
+        monitor_sink: ``await monitor_sink(observations)``: where drift features and noise flags go.
+        monitor_reference: ``await monitor_reference(label, features, source)``: sets an adapter's drift
+            reference from the features its directory ships (an adapter loaded through the API).
+        control: the control plane (aliases, outcomes); None serves without aliases.
     """
 
     def __init__(self, settings: Settings, *, progress: bool = False, registry: CollectorRegistry | None = None,
                  loaded: LoadedBaseModel | None = None,
                  monitor_sink: Callable[[list[dict[str, Any]]], Awaitable[Any]] | None = None,
-                 control: ControlPlane | None = None) -> None:
+                 monitor_reference: ReferenceSink | None = None, control: ControlPlane | None = None) -> None:
         self.settings = settings
         self.torch_threads = set_torch_threads(settings.model.torch_threads)
         self.loaded = loaded or load_base_model(settings.model, progress=progress)
@@ -132,6 +137,7 @@ class ModelServer:
         self.noise = NoiseDetector(mcfg.noise_thresholds, max_prompt_tokens=int(0.9 * self.info.max_model_len))
         self.quality = RequestQualityMetrics(self.registry)
         self.shipper = FeatureShipper(monitor_sink if mcfg.enabled else None, self.quality)
+        self.monitor_reference = monitor_reference if mcfg.enabled else None
         # Aliases: the controller says which versions an alias routes to; outcomes of routed requests go back to
         # it (batched, off the request path) as rollout evidence. Without a controller there are no aliases.
         self.control = control
@@ -179,6 +185,10 @@ class ModelServer:
 
         await self.engine.call(install)
         rec = next(r for r in self.store.to_json() if r["name"] == name)
+        # its tuning data's features, when it ships them, become its drift reference (monitoring/reference.py)
+        rec["drift_reference"] = await ship_reference(
+            real, name, self.monitor_reference, base_fingerprint=self.info.fingerprint,
+            dim=self.loaded.model.config.hidden_size) if self.monitor_reference is not None else None
         return rec
 
     async def unload_adapter(self, name: str) -> dict[str, Any]:

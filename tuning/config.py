@@ -105,6 +105,10 @@ class TuneConfig(_Frozen):
     checkpoint_every: int = Field(default=50, gt=0, description="Steps between resumable checkpoints.")
     eval_batch_size: int = Field(default=32, gt=0)
     max_eval_examples: int = Field(default=400, gt=0, description="Validation examples scored per check.")
+    drift_reference: int = Field(default=500, ge=0, description="Training prompts whose monitor features ship "
+                                                                "with a passing adapter as its drift reference "
+                                                                "(monitoring/reference.py); 0: none, the adapter's "
+                                                                "first requests become its reference.")
     num_cpus: float = Field(default=2, gt=0, description="CPUs the Ray task declares (and torch threads).")
     num_gpus: float = Field(default=0, ge=0)
 
@@ -112,7 +116,7 @@ class TuneConfig(_Frozen):
         """Hash of what determines the trained weights (not the gate, the strength grid, resources or
         evaluation sizes): a rejected run rerun with a looser gate resumes instead of retraining."""
         d = self.model_dump(mode="json", exclude={"gate", "num_cpus", "num_gpus", "eval_batch_size",
-                                                  "max_eval_examples", "checkpoint_every"})
+                                                  "max_eval_examples", "checkpoint_every", "drift_reference"})
         if d.get("robust"):
             d["robust"].pop("strengths", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

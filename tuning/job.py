@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
@@ -22,11 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import default_home
+from tsugiki.monitoring.reference import prompt_features, write_reference
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.data import Example, TuningData, load_jsonl
@@ -205,6 +208,21 @@ def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *,
 
 
 # ---------------------------------------------------------------------------------------------- the job
+def drift_reference(cfg: TuneConfig, model: Any, tokenizer: Any, data: TuningData
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The monitor's features of up to ``cfg.drift_reference`` training and validation prompts (a seeded
+    sample), computed with the finished adapter: the adapter's drift reference (monitoring/reference.py)."""
+    prompts = sorted({e.prompt for e in data.train + data.val})
+    random.Random(cfg.seed).shuffle(prompts)
+    prompts = prompts[:cfg.drift_reference]
+    t0 = time.time()
+    feats = prompt_features(model, tokenizer, prompts, batch_size=cfg.eval_batch_size)
+    record = {"prompts": len(prompts), "seconds": round(time.time() - t0, 2), "data_hash": data.data_hash,
+              "source": f"tuning data ({len(prompts)} prompts, data {data.data_hash[:12]})"}
+    log.info("drift reference: %d prompts in %.1f s", len(prompts), record["seconds"])
+    return feats, record
+
+
 def run_id(name: str, cfg: TuneConfig, data_hash: str) -> str:
     return hashlib.sha256(f"{name}\0{cfg.fingerprint()}\0{data_hash}".encode()).hexdigest()[:12]
 
@@ -253,6 +271,10 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         store.path_of(inc_ref) if inc_ref is not None else None)
     report = run_gate(cfg, model, tok, val, strength=strength, incumbent_dir=incumbent,
                       retain_texts=default_retain_texts() if retain_texts is None else retain_texts)
+    reference, ref_record = None, None
+    if report.passed and cfg.drift_reference:
+        set_strength(model, strength)  # the features of the adapter as written
+        reference, ref_record = drift_reference(cfg, model, tok, data)
     card = {
         "name": name, "run_id": rid, "created": time.time(), "base_model": loaded.info.name,
         "base_model_fingerprint": loaded.info.fingerprint, "data": data.summary(),
@@ -265,6 +287,7 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         "gate": report.to_dict(),
         "parent": inc_ref.key if inc_ref is not None else (str(incumbent_dir) if incumbent_dir else None),
         "wall_seconds": round(time.time() - t0, 2), "screen": screen_record,
+        "drift_reference": ref_record,
     }
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
         out = Path(tmp) / "adapter"
@@ -276,6 +299,8 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         acfg["alpha_pattern"] = {k: v * strength for k, v in (acfg.get("alpha_pattern") or {}).items()}
         cfg_file.write_text(json.dumps(acfg, indent=1))
         (out / CARD_FILE).write_text(json.dumps(card, indent=1, default=str))
+        if reference is not None and ref_record is not None:
+            write_reference(out, reference, base_fingerprint=loaded.info.fingerprint, source=ref_record["source"])
         (run_dir / "report.json").write_text(json.dumps(card, indent=1, default=str))
         if report.passed and not to_store:
             kept = run_dir / "candidate"

@@ -1,0 +1,160 @@
+"""Drift references built from an adapter's tuning data (monitoring/reference.py): the tuning job ships the
+monitor's features of its training prompts, computed exactly as the serving engine computes them, and loading
+or registering the adapter hands them to the monitor, which then watches from the first request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tsugiki.adapters.format import REFERENCE_FILE
+from tsugiki.config import ModelConfig, load_settings
+from tsugiki.monitoring.drift import DriftConfig
+from tsugiki.monitoring.monitor import Monitor, MonitorConfig
+from tsugiki.monitoring.reference import FEATURES, read_reference, write_reference
+from tsugiki.serve.api import LocalClient, build_app
+from tsugiki.serve.base_model import load_base_model
+from tsugiki.serve.control import ControlPlane
+from tsugiki.serve.server import ModelServer
+from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
+from tsugiki.tuning.data import label_prompt
+from tsugiki.tuning.job import run_local
+
+TEXTS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
+         "hello world how are you", "the quick brown fox", "jumps over the lazy dog", "paris is the capital"]
+LABELS = ["travel", "alarm", "balance", "capital"]
+
+
+class Sink:
+    """Records what reaches the monitor (the Ray deployment's ``set_reference`` in production)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, np.ndarray, str]] = []
+
+    async def __call__(self, label: str, features: np.ndarray, source: str) -> dict[str, Any]:
+        self.calls.append((label, np.asarray(features), source))
+        return {}
+
+
+def _tuned(tiny_dir: Path, tmp_path: Path, n: int = 48) -> tuple[Path, list[str]]:
+    texts = [f"{TEXTS[i % len(TEXTS)]} number {i}" for i in range(n)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": LABELS[i % len(LABELS)]}) + "\n"
+                            for i, t in enumerate(texts)))
+    cfg = TuneConfig(model=ModelConfig(base_model=str(tiny_dir)), num_layers=1, rank=4, alpha=8, epochs=1,
+                     batch_size=8, num_cpus=1, drift_reference=100,
+                     robust=RobustConfig(families=("typos",), strengths=(0.5,)),  # the strength shows
+                     gate=GateConfig(families=("typos",), max_family_drop=1.0, min_retained_agreement=0.0,
+                                     min_gain_over_base=-1.0))
+    res = run_local(cfg, data, "intent", store_dir=tmp_path / "store", work_dir=tmp_path / "work", progress=False)
+    assert res.status == "written", res.gate
+    assert res.card["drift_reference"]["prompts"] == n  # every prompt: fewer than drift_reference
+    return Path(res.path), [label_prompt(t) for t in texts]
+
+
+def test_the_job_ships_the_features_the_engine_computes_and_loading_sets_the_reference(
+        tiny_dir: Path, tmp_path: Path) -> None:
+    adapter, prompts = _tuned(tiny_dir, tmp_path)
+    fp = load_base_model(ModelConfig(base_model=str(tiny_dir)), progress=False).info.fingerprint
+    found = read_reference(adapter, base_fingerprint=fp)
+    assert found is not None
+    shipped, source = found
+    assert shipped.shape[0] == len(prompts) and source.startswith("tuning data (48 prompts")
+
+    observed: list[dict[str, Any]] = []
+
+    async def observe(batch: list[dict[str, Any]]) -> None:
+        observed.extend(batch)
+
+    sink = Sink()
+    settings = load_settings(model={"base_model": str(tiny_dir), "served_name": "tiny"},
+                             adapters={"store_dir": str(tmp_path / "serve-store"), "roots": [str(tmp_path)]})
+    server = ModelServer(settings, monitor_sink=observe, monitor_reference=sink)
+    try:
+        with TestClient(build_app(LocalClient(server, None), settings.server)) as client:
+            r = client.post("/v1/adapters", json={"name": "intent", "path": str(adapter)})
+            assert r.status_code in (200, 201), r.text
+            assert r.json()["drift_reference"] == source
+            assert [c[0] for c in sink.calls] == ["intent"] and np.array_equal(sink.calls[0][1], shipped)
+            for p in prompts[:6]:
+                assert client.post("/v1/completions", json={"model": "intent", "prompt": p,
+                                                            "max_tokens": 1}).status_code == 200
+            client.portal.call(server.drain)  # type: ignore[union-attr]
+    finally:
+        server.shutdown()
+    # each served request's features (the engine, the adapter at its chosen strength) is one shipped row
+    assert len(observed) == 6
+    for obs in observed:
+        live = np.asarray(obs["features"], dtype=np.float32)
+        nearest = np.abs(shipped - live[None, :]).max(1).min()
+        assert nearest < 1e-4 * max(1.0, float(np.abs(live).max())), nearest
+
+
+def test_a_reference_for_another_base_model_or_feature_definition_is_ignored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    feats = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    write_reference(tmp_path, feats, base_fingerprint="base-a", source="tuning data")
+    got = read_reference(tmp_path, base_fingerprint="base-a", dim=8)
+    assert got is not None and np.array_equal(got[0], feats) and got[1] == "tuning data"
+    with caplog.at_level(logging.WARNING, logger="tsugiki.monitoring.reference"):
+        assert read_reference(tmp_path, base_fingerprint="base-b") is None
+        assert read_reference(tmp_path, base_fingerprint="base-a", dim=16) is None
+        from safetensors.numpy import save_file
+
+        save_file({"features": feats}, str(tmp_path / REFERENCE_FILE),
+                  metadata={"base_model_fingerprint": "base-a", "features": "something else"})
+        assert read_reference(tmp_path, base_fingerprint="base-a") is None
+        (tmp_path / REFERENCE_FILE).write_bytes(b"not safetensors")
+        assert read_reference(tmp_path, base_fingerprint="base-a") is None
+    assert "another base model" in caplog.text and "shape" in caplog.text and FEATURES in caplog.text
+    assert "unreadable" in caplog.text
+    assert read_reference(tmp_path / "nothing-here", base_fingerprint="base-a") is None  # adapters from elsewhere
+
+
+def test_a_data_reference_makes_the_monitor_watch_from_the_first_request_and_survives_a_restart(
+        tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    cfg = MonitorConfig(state_dir=tmp_path / "mon", drift=DriftConfig(reference_size=500, ert=1000),
+                        save_interval_s=0)
+    mon = Monitor(cfg)
+    status = mon.set_reference("intent", rng.normal(size=(120, 16)), "tuning data (120 prompts)")
+    assert status["state"] == "monitoring" and status["reference_source"] == "tuning data (120 prompts)"
+    mon.observe([{"adapter": "intent", "request_id": "r1", "time": 0.0, "features": rng.normal(size=16)}])
+    assert mon.status("intent")["requests_seen"] == 1  # scored at once, not collected as reference
+    again = Monitor(cfg)
+    assert again.status("intent")["reference_source"] == "tuning data (120 prompts)"
+    with pytest.raises(ValueError, match="at least"):
+        mon.set_reference("tiny", rng.normal(size=(10, 16)), "too few")
+
+
+def test_registering_a_version_hands_its_reference_to_the_monitor(tiny_dir: Path, lora_all: Path,
+                                                                  lora_other: Path, tmp_path: Path) -> None:
+    root = tmp_path / "adapters"
+    shutil.copytree(lora_all, root / "v1")
+    fp = load_base_model(ModelConfig(base_model=str(tiny_dir)), progress=False).info.fingerprint
+    feats = np.random.default_rng(1).normal(size=(60, 8)).astype(np.float32)
+    write_reference(root / "v1", feats, base_fingerprint=fp, source="tuning data (60 prompts)")
+    shutil.copytree(lora_other, root / "plain")  # trained elsewhere: no reference
+    settings = load_settings(model={"base_model": str(tiny_dir), "served_name": "tiny"},
+                             adapters={"store_dir": str(tmp_path / "store"), "roots": [str(root)]},
+                             registry={"path": str(tmp_path / "registry.db"), "artifacts": str(tmp_path / "art")},
+                             controller={"enabled": False})
+    sink = Sink()
+    plane = ControlPlane(settings, monitor_reference=sink, base_fingerprint=fp)
+    try:
+        import asyncio
+
+        v1 = asyncio.run(plane.register("support", str(root / "v1")))
+        assert v1["key"] == "support@v1" and v1["drift_reference"] == "tuning data (60 prompts)"
+        assert [c[0] for c in sink.calls] == ["support@v1"] and np.array_equal(sink.calls[0][1], feats)
+        v2 = asyncio.run(plane.register("support", str(root / "plain")))
+        assert v2["drift_reference"] is None and len(sink.calls) == 1
+    finally:
+        plane.registry.close()
