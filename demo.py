@@ -4,8 +4,8 @@
 2. **Tune v1.** A robust, partial LoRA adapter for the intents of two domains (banking, travel), tuned as a Ray
    task, registered, and published as the alias ``support``.
 3. **Traffic.** Applications call ``support`` through the official ``openai`` client; simulated users label every
-   answer (``POST /v1/feedback``) and the alias captures its traffic. The first requests become the drift
-   reference of ``support@v1``.
+   answer (``POST /v1/feedback``) and the alias captures its traffic. The monitor watches ``support@v1`` against
+   the drift reference its tuning job shipped (the features of its training prompts) from the first request.
 4. **Shift.** Half the traffic moves to two domains v1 never saw (kitchen and dining, auto and commute). The monitor
    raises a drift alarm; the controller requests a refresh.
 5. **Refresh.** The controller assembles v1's data plus the captured, labelled traffic, tunes a robust candidate
@@ -65,7 +65,7 @@ class Stage:
 
 
 def demo_settings(home: Path, quick: bool) -> dict[str, Any]:
-    """Settings for the demo: small drift reference, a rollout plan sized to a laptop's traffic."""
+    """Settings for the demo: a rollout plan and refresh sizes fitted to a laptop's traffic."""
     tune = {"epochs": 2 if quick else 3, "num_layers": 2 if quick else 4, "max_eval_examples": 120,
             "num_cpus": 2, "gate": {"max_negative_flip_rate": 0.15, "max_family_drop": 0.6}}
     return {
@@ -228,7 +228,7 @@ def run(args: Any) -> dict[str, Any]:
             log(f"   {v1['key']} is stable on alias {ALIAS!r}; gate clean accuracy "
                 f"{v1['gate_report'].get('clean_accuracy')}")
 
-        with Stage(summary, "traffic on the old domains (drift reference, accuracy before)"):
+        with Stage(summary, "traffic on the old domains (accuracy before)"):
             before_old = traffic.send(old_test, what="old-domain test queries")
             summary["accuracy_old_before"] = accuracy(before_old)
 
@@ -314,7 +314,7 @@ def run(args: Any) -> dict[str, Any]:
             log(f"   {v2} promoted; versions: {versions}")
 
         with Stage(summary, "accuracy after, on held-out test queries"):
-            # interleaved, as live traffic now is (v2's drift reference is its first requests, which were mixed)
+            # interleaved, as live traffic now is (v2's drift reference is its tuning data: old and new domains)
             after = traffic.send([x for pair in zip(new_test, old_test) for x in pair], what="held-out test queries")
             new_intents = {i for _, i in new_train}
             summary["accuracy_new_after"] = accuracy([r for r in after if r["label"] in new_intents])

@@ -73,6 +73,7 @@ class _AdapterState:
     recent: deque[tuple[str, float, bool, float | None]] = field(default_factory=lambda: deque(maxlen=200))
     dirty: bool = False
     reference_source: str = "first requests"
+    reference_key: str | None = None
 
 
 class Monitor:
@@ -114,13 +115,17 @@ class Monitor:
         collected = sum(len(p) for p in det.pending)
         self.metrics.reference.labels(adapter).set(1.0 if det.ready else collected / det.config.reference_size)
 
-    def set_reference(self, adapter: str, features: np.ndarray, source: str = "given features") -> dict[str, Any]:
+    def set_reference(self, adapter: str, features: np.ndarray, source: str = "given features",
+                      key: str | None = None) -> dict[str, Any]:
         """Use ``features`` (e.g. the monitor features of the adapter's tuning data, see
-        :mod:`tsugiki.monitoring.reference`) as the adapter's reference; restarts its CUSUM. ``ValueError`` when
-        there are too few of them."""
+        :mod:`tsugiki.monitoring.reference`) as the adapter's reference; restarts its CUSUM. With ``key`` (the
+        adapter version it belongs to) a reference already set under that key is kept as it is: every replica
+        and the controller may hand it over. ``ValueError`` when there are too few features."""
         st = self._state(adapter)
+        if key is not None and key == st.reference_key and st.detector.ready:
+            return self.status(adapter)
         st.detector.set_reference(np.asarray(features))
-        st.alarm, st.dirty, st.reference_source = False, True, source
+        st.alarm, st.dirty, st.reference_source, st.reference_key = False, True, source, key
         self._export(adapter, st)
         self._save_adapter(adapter, st)
         return self.status(adapter)
@@ -224,7 +229,7 @@ class Monitor:
         d.mkdir(parents=True, exist_ok=True)
         scalars, arrays = st.detector.state_dict()
         scalars["alarm"] = st.alarm
-        scalars["reference_source"] = st.reference_source
+        scalars["reference_source"], scalars["reference_key"] = st.reference_source, st.reference_key
         _atomic_write(d / "arrays.npz", lambda f: np.savez(f, **arrays))
         _atomic_write(d / "state.json", lambda f: f.write(json.dumps(scalars).encode()))
         st.dirty = False
@@ -239,7 +244,8 @@ class Monitor:
                 logger.warning(f"ignoring unreadable monitor state in {d}: {e}")
                 continue
             st = _AdapterState(DriftDetector.from_state(scalars, arrays), alarm=bool(scalars.get("alarm")),
-                               reference_source=str(scalars.get("reference_source", "first requests")))
+                               reference_source=str(scalars.get("reference_source", "first requests")),
+                               reference_key=scalars.get("reference_key"))
             st.recent = deque(maxlen=st.detector.config.window)
             self._adapters[d.name] = st
             self._export(d.name, st)

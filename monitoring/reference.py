@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tsugiki.adapters.format import REFERENCE_FILE
+from tsugiki.adapters.format import REFERENCE_FILE, AdapterRef
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +90,20 @@ def read_reference(adapter_dir: Path, *, base_fingerprint: str,
     return features, meta.get("source", "tuning data")
 
 
-ReferenceSink = Callable[[str, np.ndarray, str], Awaitable[Any]]  # (monitor label, features, source)
+# ``await sink(label, features, source, key)``: the monitor's ``set_reference``; ``key`` names the adapter version
+# the reference belongs to, so the replicas and the controller that each hand it over set it once.
+ReferenceSink = Callable[[str, np.ndarray, str, str], Awaitable[Any]]
 
 
-async def ship_reference(adapter_dir: Path, label: str, sink: ReferenceSink, *, base_fingerprint: str,
+def reference_key(ref: AdapterRef) -> str:
+    return f"{ref.key}:{ref.digest[:12]}"
+
+
+async def ship_reference(adapter_dir: Path, label: str, sink: ReferenceSink, *, key: str, base_fingerprint: str,
                          dim: int | None = None) -> str | None:
-    """Hand the reference shipped in ``adapter_dir`` to the monitor as ``label``'s; returns its source, or None
-    when there is none, it does not fit, or the monitor refused it (logged: the adapter's first requests then
-    become its reference, and loading or registering it goes on)."""
+    """Hand the reference shipped in ``adapter_dir`` (the version ``key``) to the monitor as ``label``'s; returns
+    its source, or None when there is none, it does not fit, or the monitor refused it (logged: the adapter's
+    first requests then become its reference, and serving it goes on)."""
     import asyncio
 
     found = await asyncio.to_thread(read_reference, adapter_dir, base_fingerprint=base_fingerprint, dim=dim)
@@ -105,7 +111,7 @@ async def ship_reference(adapter_dir: Path, label: str, sink: ReferenceSink, *, 
         return None
     features, source = found
     try:
-        await sink(label, features, source)
+        await sink(label, features, source, key)
     except Exception as e:  # the monitor being down or refusing it must not fail the load
         logger.warning(f"drift reference of {label!r} not set: {type(e).__name__}: {e}")
         return None

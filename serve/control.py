@@ -35,7 +35,7 @@ from tsugiki.adapters.routing import snapshot
 from tsugiki.adapters.store import inside_roots
 from tsugiki.config import Settings
 from tsugiki.errors import InvalidRequestError, NotFoundError, TsugikiError
-from tsugiki.monitoring.reference import ReferenceSink, ship_reference
+from tsugiki.monitoring.reference import ReferenceSink, reference_key, ship_reference
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.refresh import Refresher, RefreshMetrics
 
@@ -226,7 +226,7 @@ class ControlPlane:
             except TsugikiError as e:  # a missing artifact is the rollout's problem, reported there
                 logger.warning(f"no drift reference for {rec.key}: {e}")
                 return None
-            return await ship_reference(path, rec.key, self.monitor_reference,
+            return await ship_reference(path, rec.key, self.monitor_reference, key=reference_key(rec.ref),
                                         base_fingerprint=self.refresher.base_fingerprint)
 
     async def wait_refreshes(self) -> None:

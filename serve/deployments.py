@@ -113,8 +113,9 @@ class MonitorDeployment(_PushesMetrics):
     def reset(self, adapter: str) -> dict[str, Any]:
         return self.monitor.reset(adapter)
 
-    def set_reference(self, adapter: str, features: Any, source: str = "given features") -> dict[str, Any]:
-        return self.monitor.set_reference(adapter, features, source)
+    def set_reference(self, adapter: str, features: Any, source: str = "given features",
+                      key: str | None = None) -> dict[str, Any]:
+        return self.monitor.set_reference(adapter, features, source, key)
 
     def alarms(self) -> dict[str, bool]:
         return self.monitor.alarms()
@@ -143,8 +144,8 @@ class ControllerDeployment(_PushesMetrics):
             async def reset(label: str) -> Any:
                 return await monitor.reset.remote(label)
 
-            async def reference(label: str, features: Any, source: str) -> Any:
-                return await monitor.set_reference.remote(label, features, source)
+            async def reference(label: str, features: Any, source: str, key: str) -> Any:
+                return await monitor.set_reference.remote(label, features, source, key)
 
         self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms, monitor_reset=reset,
                                   monitor_reference=reference)
@@ -198,8 +199,8 @@ class LLMServer(_PushesMetrics):
             async def sink(batch: list[dict[str, Any]]) -> None:
                 await monitor.observe.remote(batch)
 
-            async def reference(label: str, features: Any, source: str) -> Any:
-                return await monitor.set_reference.remote(label, features, source)
+            async def reference(label: str, features: Any, source: str, key: str) -> Any:
+                return await monitor.set_reference.remote(label, features, source, key)
 
         self.server = ModelServer(Settings.model_validate(settings), monitor_sink=sink, monitor_reference=reference,
                                   control=HandleControl(controller) if controller is not None else None)

@@ -39,7 +39,7 @@ from tsugiki.errors import (
 from tsugiki.monitoring.metrics import RequestQualityMetrics
 from tsugiki.monitoring.monitor import FeatureShipper, Observation
 from tsugiki.monitoring.noise import NoiseDetector, NoiseReport
-from tsugiki.monitoring.reference import ReferenceSink, ship_reference
+from tsugiki.monitoring.reference import ReferenceSink, reference_key, ship_reference
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.serve.engine import AsyncEngine, EngineCore, GenerationRequest, TokenEvent
 from tsugiki.serve.metrics import EngineMetrics
@@ -138,6 +138,7 @@ class ModelServer:
         self.quality = RequestQualityMetrics(self.registry)
         self.shipper = FeatureShipper(monitor_sink if mcfg.enabled else None, self.quality)
         self.monitor_reference = monitor_reference if mcfg.enabled else None
+        self._references: set[str] = set()  # versions whose drift reference this replica handed over
         # Aliases: the controller says which versions an alias routes to; outcomes of routed requests go back to
         # it (batched, off the request path) as rollout evidence. Without a controller there are no aliases.
         self.control = control
@@ -145,7 +146,7 @@ class ModelServer:
                                   settings.open_artifacts() if control else None, self.store,
                                   refresh_s=settings.registry.refresh_s)
         self.outcomes = OutcomeRecorder(control.record_outcomes if control else None)
-        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # shadow requests, reference hand-overs: off the request path
         logger.info("model server ready", extra={"base_model": self.info.name, "threads": self.torch_threads})
 
     # ---- metadata ------------------------------------------------------------------------------------------------
@@ -186,10 +187,19 @@ class ModelServer:
         await self.engine.call(install)
         rec = next(r for r in self.store.to_json() if r["name"] == name)
         # its tuning data's features, when it ships them, become its drift reference (monitoring/reference.py)
-        rec["drift_reference"] = await ship_reference(
-            real, name, self.monitor_reference, base_fingerprint=self.info.fingerprint,
-            dim=self.loaded.model.config.hidden_size) if self.monitor_reference is not None else None
+        rec["drift_reference"] = await self._ship_reference(name, ref, again=True)
         return rec
+
+    async def _ship_reference(self, label: str, ref: AdapterRef, *, again: bool = False) -> str | None:
+        """Hand the drift reference that stored version ``ref`` ships to the monitor as ``label``'s, once per
+        version on this replica unless ``again`` (the monitor keeps the first copy it got of a version's)."""
+        key = reference_key(ref)
+        if self.monitor_reference is None or (key in self._references and not again):
+            return None
+        self._references.add(key)
+        return await ship_reference(self.store.path_of(ref), label, self.monitor_reference, key=key,
+                                    base_fingerprint=self.info.fingerprint,
+                                    dim=self.loaded.model.config.hidden_size)
 
     async def unload_adapter(self, name: str) -> dict[str, Any]:
         ref = await asyncio.to_thread(self.store.deactivate, name)
@@ -320,6 +330,9 @@ class ModelServer:
                 if not started:
                     started = True
                     features, prompt_logprob = ev.features, ev.prompt_logprob
+                    if ev.adapter is not None and reference_key(ev.adapter) not in self._references:
+                        # first use of a version here (e.g. one `tsugiki tune` wrote to the store): its reference
+                        self._background(self._ship_reference(label, ev.adapter))
                     yield {"type": "start", "prompt_tokens": len(ids),
                            "adapter": ev.adapter.key if ev.adapter else None, "alias": routed.alias,
                            "noise": {"score": round(noise.score, 4), "reasons": list(noise.reasons)} if noise else None}
@@ -347,10 +360,7 @@ class ModelServer:
                 self.outcomes.capture(request_id, routed.alias, str(routed.key),
                                       prompt if isinstance(prompt, str) else self._user_text(payload) or "", output)
             if routed.shadow is not None:
-                task = asyncio.get_running_loop().create_task(
-                    self._shadow(routed, request_id, ids, params, output, bool(noise and noise.reasons)))
-                self._shadow_tasks.add(task)
-                task.add_done_callback(self._shadow_tasks.discard)
+                self._background(self._shadow(routed, request_id, ids, params, output, bool(noise and noise.reasons)))
         if self.monitoring and started:
             if confidence is not None:
                 self.quality.output_confidence.labels(label).observe(confidence)
@@ -400,11 +410,16 @@ class ModelServer:
             self.quality.noisy.labels(label, reason).inc()
         return report
 
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def drain(self) -> None:
-        """Finish running shadow requests and hand every buffered outcome to the controller and every buffered
-        observation to the monitor (tests call it; a replica calls it when it shuts down)."""
-        while self._shadow_tasks:
-            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+        """Finish shadow requests and reference hand-overs, then hand every buffered outcome to the controller and
+        every buffered observation to the monitor (tests call it; a replica calls it when it shuts down)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self.outcomes.flush()
         await self.shipper.flush()
 

@@ -36,10 +36,10 @@ class Sink:
     """Records what reaches the monitor (the Ray deployment's ``set_reference`` in production)."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, np.ndarray, str]] = []
+        self.calls: list[tuple[str, np.ndarray, str, str]] = []
 
-    async def __call__(self, label: str, features: np.ndarray, source: str) -> dict[str, Any]:
-        self.calls.append((label, np.asarray(features), source))
+    async def __call__(self, label: str, features: np.ndarray, source: str, key: str) -> dict[str, Any]:
+        self.calls.append((label, np.asarray(features), source, key))
         return {}
 
 
@@ -83,15 +83,26 @@ def test_the_job_ships_the_features_the_engine_computes_and_loading_sets_the_ref
             assert r.status_code in (200, 201), r.text
             assert r.json()["drift_reference"] == source
             assert [c[0] for c in sink.calls] == ["intent"] and np.array_equal(sink.calls[0][1], shipped)
+            assert sink.calls[0][3].startswith("intent@v1:")
             for p in prompts[:6]:
                 assert client.post("/v1/completions", json={"model": "intent", "prompt": p,
                                                             "max_tokens": 1}).status_code == 200
             client.portal.call(server.drain)  # type: ignore[union-attr]
+            assert len(sink.calls) == 1  # this replica handed it over when loading; requests do not repeat it
+
+            # a version written to the store by someone else (`tsugiki tune --store-dir`): handed over on first use
+            other = server.store.put("intent-copy", adapter)
+            assert client.post("/v1/completions", json={"model": "intent-copy", "prompt": prompts[0],
+                                                        "max_tokens": 1}).status_code == 200
+            client.portal.call(server.drain)  # type: ignore[union-attr]
+            assert [c[0] for c in sink.calls] == ["intent", "intent-copy"]
+            assert sink.calls[1][3].startswith(f"{other.key}:")
     finally:
         server.shutdown()
     # each served request's features (the engine, the adapter at its chosen strength) is one shipped row
-    assert len(observed) == 6
-    for obs in observed:
+    served = [o for o in observed if o["adapter"] == "intent"]
+    assert len(served) == 6
+    for obs in served:
         live = np.asarray(obs["features"], dtype=np.float32)
         nearest = np.abs(shipped - live[None, :]).max(1).min()
         assert nearest < 1e-4 * max(1.0, float(np.abs(live).max())), nearest
@@ -128,8 +139,18 @@ def test_a_data_reference_makes_the_monitor_watch_from_the_first_request_and_sur
     assert status["state"] == "monitoring" and status["reference_source"] == "tuning data (120 prompts)"
     mon.observe([{"adapter": "intent", "request_id": "r1", "time": 0.0, "features": rng.normal(size=16)}])
     assert mon.status("intent")["requests_seen"] == 1  # scored at once, not collected as reference
-    again = Monitor(cfg)
-    assert again.status("intent")["reference_source"] == "tuning data (120 prompts)"
+    # the same version handed over again (another replica, the controller): kept as it is, CUSUM included
+    mon.set_reference("intent", rng.normal(size=(120, 16)), "tuning data (120 prompts)", key="intent@v1:abc")
+    mon.observe([{"adapter": "intent", "request_id": "r2", "time": 0.0, "features": rng.normal(size=16)}])
+    again = mon.set_reference("intent", rng.normal(size=(120, 16)), "copy", key="intent@v1:abc")
+    assert again["requests_seen"] == 2 and again["reference_source"] == "tuning data (120 prompts)"
+    restarted = Monitor(cfg)
+    assert restarted.status("intent")["reference_source"] == "tuning data (120 prompts)"
+    assert restarted.set_reference("intent", rng.normal(size=(120, 16)), "copy",
+                                   key="intent@v1:abc")["reference_source"] == "tuning data (120 prompts)"
+    # a new version replaces it
+    assert mon.set_reference("intent", rng.normal(size=(120, 16)), "v2 data",
+                             key="intent@v2:def")["reference_source"] == "v2 data"
     with pytest.raises(ValueError, match="at least"):
         mon.set_reference("tiny", rng.normal(size=(10, 16)), "too few")
 
