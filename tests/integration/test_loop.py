@@ -135,7 +135,7 @@ def test_loop_promotes_rolls_back_and_survives_a_controller_restart(run: Run) ->
     assert s["versions"]["support@v1"] == "retired" and s["versions"][v2] == "stable"
     assert s["rollout"]["state"] == "promoted" and s["rollout"]["routes"] == {v2: 1.0}
     # it learned the new domains without forgetting the old ones
-    assert s["accuracy_new_after"] >= s["accuracy_new_before"] + 0.2  # --quick tunes briefly (0.42 measured)
+    assert s["accuracy_new_after"] >= s["accuracy_new_before"] + 0.2  # --quick tunes briefly (0.28-0.42 measured)
     assert s["accuracy_old_after"] >= s["accuracy_old_before"] - 0.15
 
     # the controller restart continued the same rollout from its recorded stage; no feedback was lost

@@ -85,6 +85,17 @@ def test_tune_on_ray_resume_gate_and_serve(gateway: Gateway, tmp_path: Path) -> 
     assert named >= 20, named  # the adapter answers with label names, not free text
     assert right >= 9 and right > base_right + 5, (right, base_right)
 
+    # the job shipped its tuning data's features; the replica handed them to the monitor on first use, so the
+    # adapter is watched against what it was tuned on from its first request
+    n_data = card["data"]["train"] + card["data"]["val"]
+    assert 0.95 * min(500, n_data) <= card["drift_reference"]["prompts"] <= 500  # unique prompts
+
+    def status() -> dict:
+        return dict(gateway.admin("GET", "/v1/monitor/adapters/banking").json())
+
+    wait_for(lambda: str(status().get("reference_source", "")).startswith("tuning data"), timeout=30)
+    assert status()["state"] in ("monitoring", "alarm") and status()["requests_seen"] >= 1, status()
+
 
 def gateway_base(client) -> str:
     return next(m.id for m in client.models.list().data if getattr(m, "parent", None) is None)
