@@ -25,6 +25,7 @@ from tsugiki.adapters.format import REFERENCE_FILE, AdapterRef
 
 logger = logging.getLogger(__name__)
 
+MIN_REFERENCE = 50  # fewer prompts do not calibrate a detector (the monitor refuses under 40)
 # What a feature vector is; a change of definition invalidates references written before it.
 FEATURES = "mean-pooled final hidden state of the prompt tokens (decoder output), float32"
 

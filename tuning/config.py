@@ -107,8 +107,9 @@ class TuneConfig(_Frozen):
     max_eval_examples: int = Field(default=400, gt=0, description="Validation examples scored per check.")
     drift_reference: int = Field(default=500, ge=0, description="Training prompts whose monitor features ship "
                                                                 "with a passing adapter as its drift reference "
-                                                                "(monitoring/reference.py); 0: none, the adapter's "
-                                                                "first requests become its reference.")
+                                                                "(monitoring/reference.py; at least 50 distinct "
+                                                                "prompts); 0: none, the adapter's first requests "
+                                                                "become its reference.")
     num_cpus: float = Field(default=2, gt=0, description="CPUs the Ray task declares (and torch threads).")
     num_gpus: float = Field(default=0, ge=0)
 

@@ -29,7 +29,7 @@ import torch
 from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import default_home
-from tsugiki.monitoring.reference import prompt_features, write_reference
+from tsugiki.monitoring.reference import MIN_REFERENCE, prompt_features, write_reference
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.data import Example, TuningData, load_jsonl
@@ -209,10 +209,15 @@ def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *,
 
 # ---------------------------------------------------------------------------------------------- the job
 def drift_reference(cfg: TuneConfig, model: Any, tokenizer: Any, data: TuningData
-                    ) -> tuple[np.ndarray, dict[str, Any]]:
+                    ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """The monitor's features of up to ``cfg.drift_reference`` training and validation prompts (a seeded
-    sample), computed with the finished adapter: the adapter's drift reference (monitoring/reference.py)."""
+    sample), computed with the finished adapter: the adapter's drift reference (monitoring/reference.py). None
+    (and the card says why) with fewer than MIN_REFERENCE distinct prompts: too few to calibrate a detector on,
+    so the adapter's first requests will be its reference."""
     prompts = sorted({e.prompt for e in data.train + data.val})
+    if len(prompts) < MIN_REFERENCE:
+        return None, {"prompts": 0, "why": f"{len(prompts)} distinct prompts, {MIN_REFERENCE} needed; the "
+                                           "adapter's first requests will be its drift reference"}
     random.Random(cfg.seed).shuffle(prompts)
     prompts = prompts[:cfg.drift_reference]
     t0 = time.time()

@@ -43,7 +43,7 @@ class Sink:
         return {}
 
 
-def _tuned(tiny_dir: Path, tmp_path: Path, n: int = 48) -> tuple[Path, list[str]]:
+def _tuned(tiny_dir: Path, tmp_path: Path, n: int = 64) -> tuple[Path, list[str]]:
     texts = [f"{TEXTS[i % len(TEXTS)]} number {i}" for i in range(n)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": LABELS[i % len(LABELS)]}) + "\n"
@@ -66,7 +66,7 @@ def test_the_job_ships_the_features_the_engine_computes_and_loading_sets_the_ref
     found = read_reference(adapter, base_fingerprint=fp)
     assert found is not None
     shipped, source = found
-    assert shipped.shape[0] == len(prompts) and source.startswith("tuning data (48 prompts")
+    assert shipped.shape[0] == len(prompts) and source.startswith("tuning data (64 prompts")
 
     observed: list[dict[str, Any]] = []
 

@@ -325,6 +325,10 @@ def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(
     weights = read_lora_artifact(stored)  # the gateway's own reader accepts it
     assert weights.max_rank == 4 and all(".layers.1." in m for m in weights.modules)
     assert card["strength"] in (0.5, 1.0)
+    # 16 distinct prompts are too few to calibrate a drift detector on: no reference ships, the card says why
+    ref = card["drift_reference"]
+    assert ref["prompts"] == 0 and "16 distinct prompts, 50 needed" in ref["why"]
+    assert not (stored / "drift_reference.safetensors").exists()
     # a second version is gated against the first (negative flips) and a failing candidate is kept aside
     strict = _cfg(tiny_dir, seed=1, gate=GateConfig(families=("typos",), min_clean_accuracy=1.0,
                                                     min_retained_agreement=0.0, max_family_drop=1.0,
