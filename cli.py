@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from tsugiki.errors import ConfigError, TsugikiError
@@ -201,7 +202,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tsugiki import demo
 
     _configure_logging(args.log_level)
-    summary = demo.run(args)
+    try:
+        summary = demo.run(args)
+    except demo.DemoFailed as e:
+        from tsugiki.config import default_home
+
+        home = Path(args.home or default_home() / "demo").expanduser()
+        print(f"tsugiki demo: failed: {e}\n  what it measured so far: {home / 'summary.json'}", file=sys.stderr)
+        return 1
     demo.print_summary(summary)
     return 0
 

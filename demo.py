@@ -47,6 +47,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class DemoFailed(RuntimeError):
+    """A stage of the loop ended in a state the demo cannot go on from (the message says which and why)."""
+
+
 class Stage:
     """Times one stage of the demo for the summary table."""
 
@@ -140,7 +144,7 @@ class Traffic:
     def post(self, path: str, body: dict[str, Any]) -> Any:
         r = self.http.post(path, json=body)
         if r.status_code >= 400:
-            raise RuntimeError(f"POST {path}: {r.status_code} {r.text}")
+            raise DemoFailed(f"POST {path}: {r.status_code} {r.text}")
         return r.json()
 
 
@@ -215,7 +219,7 @@ def run(args: Any) -> dict[str, Any]:
             res = ray.get(submit(tcfg, data_v1, ALIAS, to_store=False, work_dir=str(home / "work" / "tuning"),
                                  progress=True))
             if res["status"] != "passed":
-                raise RuntimeError(f"v1 did not pass its gate: {res['gate'].get('failures')}")
+                raise DemoFailed(f"v1 did not pass its gate: {res['gate'].get('failures')}")
             kept = home / "work" / "v1"
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(res["path"], kept)
@@ -281,7 +285,7 @@ def run(args: Any) -> dict[str, Any]:
             summary["refresh"]["counts"] = last["detail"].get("counts")
             summary["refresh"]["gate"] = last["detail"].get("gate")
             if last["state"] != "done":
-                raise RuntimeError(f"the refresh ended {last['state']}: {last['detail']}")
+                raise DemoFailed(f"the refresh ended {last['state']}: {last['detail']}")
             v2 = last["candidate"]
             log(f"   candidate {v2} registered (gate passed)")
 
@@ -308,7 +312,7 @@ def run(args: Any) -> dict[str, Any]:
             if restarted is not None:
                 summary["controller_restart"] = restarted
             if final["rollout"]["state"] != "promoted":
-                raise RuntimeError(f"the rollout ended {final['rollout']['state']}: "
+                raise DemoFailed(f"the rollout ended {final['rollout']['state']}: "
                                    f"{final['rollout']['last_decision']}")
             versions = {v["key"]: v["state"] for v in traffic.get(f"/v1/registry/versions?name={ALIAS}")["data"]}
             summary["versions"] = versions
@@ -340,7 +344,7 @@ def restart_controller(traffic: Traffic, ro: dict[str, Any]) -> dict[str, Any]:
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Controller" in a["name"]
              and "REPLICA" in a["name"].upper()]
     if not names:
-        raise RuntimeError("no live Controller replica to kill")
+        raise DemoFailed("no live Controller replica to kill")
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
     log(f"   killed the controller replica at rollout {ro['id']} stage {ro['stage']}")
 
