@@ -120,12 +120,13 @@ class Monitor:
         """Use ``features`` (e.g. the monitor features of the adapter's tuning data, see
         :mod:`tsugiki.monitoring.reference`) as the adapter's reference; restarts its CUSUM. With ``key`` (the
         adapter version it belongs to) a reference already set under that key is kept as it is: every replica
-        and the controller may hand it over. ``ValueError`` when there are too few features."""
+        may hand it over. A raised alarm stays raised until :meth:`reset`. ``ValueError`` when there are too few
+        features."""
         st = self._state(adapter)
         if key is not None and key == st.reference_key and st.detector.ready:
             return self.status(adapter)
         st.detector.set_reference(np.asarray(features))
-        st.alarm, st.dirty, st.reference_source, st.reference_key = False, True, source, key
+        st.dirty, st.reference_source, st.reference_key = True, source, key
         self._export(adapter, st)
         self._save_adapter(adapter, st)
         return self.status(adapter)

@@ -32,17 +32,22 @@ FEATURES = "mean-pooled final hidden state of the prompt tokens (decoder output)
 
 def prompt_features(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int = 16) -> np.ndarray:
     """The monitor's drift features of ``prompts``, computed as the serving engine computes them at prefill:
-    the decoder's output (final norm included) for the prompt tokenised as ``/v1/completions`` does, mean-pooled
-    over the prompt's tokens. ``model`` is the transformers or PEFT causal LM with the adapter active."""
+    the decoder's output (final norm included) mean-pooled over the prompt's tokens, in the model's dtype.
+    ``model`` is the transformers or PEFT causal LM with the adapter active. A prompt is tokenised as the
+    gateway tokenises what it stands for: with the tokenizer's special tokens, as ``/v1/completions`` does,
+    unless it already starts with the BOS token (a chat rendered by the chat template, which the gateway
+    tokenises without adding any), the rule the trainer uses too."""
     import torch
 
     decoder = model.get_decoder()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bos = getattr(tokenizer, "bos_token", None)
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
-            encs = [list(tokenizer(p)["input_ids"]) for p in prompts[i:i + batch_size]]
+            encs = [list(tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"])
+                    for p in prompts[i:i + batch_size]]
             width = max(len(e) for e in encs)
             # right padding: causal attention keeps padding out of the real tokens, positions start at 0
             ids = torch.tensor([e + [pad] * (width - len(e)) for e in encs], device=device)
@@ -53,19 +58,24 @@ def prompt_features(model: Any, tokenizer: Any, prompts: list[str], *, batch_siz
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def write_reference(adapter_dir: Path, features: np.ndarray, *, base_fingerprint: str, source: str) -> Path:
+def write_reference(adapter_dir: Path, features: np.ndarray, *, base_fingerprint: str, dtype: str,
+                    source: str) -> Path:
+    """``dtype``: the model dtype the features were computed in (``"torch.float32"``); a server computing in
+    another precision ignores them (its features differ by more than the detector tolerates)."""
     from safetensors.numpy import save_file
 
     path = Path(adapter_dir) / REFERENCE_FILE
     save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, str(path),
-              metadata={"base_model_fingerprint": base_fingerprint, "features": FEATURES, "source": source})
+              metadata={"base_model_fingerprint": base_fingerprint, "features": FEATURES, "dtype": dtype,
+                        "source": source})
     return path
 
 
-def read_reference(adapter_dir: Path, *, base_fingerprint: str,
+def read_reference(adapter_dir: Path, *, base_fingerprint: str, dtype: str | None = None,
                    dim: int | None = None) -> tuple[np.ndarray, str] | None:
     """``(features, source)`` of the reference shipped in ``adapter_dir``, or None when there is none or it does
-    not fit this base model (logged, so an operator can tell why the adapter collects its first requests)."""
+    not fit this base model and precision (logged, so an operator can tell why the adapter collects its first
+    requests)."""
     from safetensors import safe_open
 
     path = Path(adapter_dir) / REFERENCE_FILE
@@ -83,6 +93,8 @@ def read_reference(adapter_dir: Path, *, base_fingerprint: str,
         why = "it was computed on another base model"
     elif meta.get("features") != FEATURES:
         why = f"its features are {meta.get('features')!r}, this version computes {FEATURES!r}"
+    elif dtype is not None and meta.get("dtype") != dtype:
+        why = f"it was computed in {meta.get('dtype')}, this server computes in {dtype}"
     elif features.ndim != 2 or (dim is not None and features.shape[1] != dim) or not np.isfinite(features).all():
         why = f"its features have shape {features.shape} or non-finite values"
     if why is not None:
@@ -100,20 +112,25 @@ def reference_key(ref: AdapterRef) -> str:
     return f"{ref.key}:{ref.digest[:12]}"
 
 
+class ReferenceNotSet(Exception):
+    """The monitor did not take a reference (down, slow or refusing it); worth trying again later."""
+
+
 async def ship_reference(adapter_dir: Path, label: str, sink: ReferenceSink, *, key: str, base_fingerprint: str,
-                         dim: int | None = None) -> str | None:
+                         dtype: str | None = None, dim: int | None = None, timeout_s: float = 10.0) -> str | None:
     """Hand the reference shipped in ``adapter_dir`` (the version ``key``) to the monitor as ``label``'s; returns
-    its source, or None when there is none, it does not fit, or the monitor refused it (logged: the adapter's
-    first requests then become its reference, and serving it goes on)."""
+    its source, or None when there is none or it does not fit (the adapter's first requests then become its
+    reference). :class:`ReferenceNotSet` (logged) when the monitor did not take it within ``timeout_s``."""
     import asyncio
 
-    found = await asyncio.to_thread(read_reference, adapter_dir, base_fingerprint=base_fingerprint, dim=dim)
+    found = await asyncio.to_thread(read_reference, adapter_dir, base_fingerprint=base_fingerprint, dtype=dtype,
+                                    dim=dim)
     if found is None:
         return None
     features, source = found
     try:
-        await sink(label, features, source, key)
-    except Exception as e:  # the monitor being down or refusing it must not fail the load
+        await asyncio.wait_for(sink(label, features, source, key), timeout_s)
+    except Exception as e:  # the monitor being down or refusing it must not fail a load or a request
         logger.warning(f"drift reference of {label!r} not set: {type(e).__name__}: {e}")
-        return None
+        raise ReferenceNotSet(str(e)) from e
     return source

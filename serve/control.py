@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,11 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from tsugiki.adapters.controller import RolloutController, RolloutMetrics
-from tsugiki.adapters.registry import AdapterVersion, Registry, VersionState, parse_key
+from tsugiki.adapters.registry import Registry, VersionState, parse_key
 from tsugiki.adapters.routing import snapshot
 from tsugiki.adapters.store import inside_roots
 from tsugiki.config import Settings
 from tsugiki.errors import InvalidRequestError, NotFoundError, TsugikiError
-from tsugiki.monitoring.reference import ReferenceSink, reference_key, ship_reference
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.refresh import Refresher, RefreshMetrics
 
@@ -52,8 +50,6 @@ class ControlPlane:
         monitor_events: ``await monitor_events()`` -> the monitor's recent events, newest first (None: no monitor).
         monitor_alarms: ``await monitor_alarms()`` -> ``{label: alarm raised}``.
         monitor_reset: ``await monitor_reset(label)``: acknowledge a label's alarm.
-        monitor_reference: ``await monitor_reference(label, features, source)``: a registered version's drift
-            reference, from the features its artifact ships (monitoring/reference.py).
         tune_runner: how refreshes run the tuning job (default: a Ray task).
         base_fingerprint: the served base model's fingerprint, recorded on registered versions.
     """
@@ -62,7 +58,6 @@ class ControlPlane:
                  monitor_events: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
                  monitor_alarms: Callable[[], Awaitable[dict[str, bool]]] | None = None,
                  monitor_reset: Callable[[str], Awaitable[Any]] | None = None,
-                 monitor_reference: ReferenceSink | None = None,
                  tune_runner: Callable[..., dict[str, Any]] | None = None, base_fingerprint: str = "",
                  metrics_registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
@@ -81,7 +76,6 @@ class ControlPlane:
         self.monitor_events = monitor_events
         self.monitor_alarms = monitor_alarms
         self.monitor_reset = monitor_reset
-        self.monitor_reference = monitor_reference
         self.roots = settings.adapter_roots()
         self._refresh_task: asyncio.Task[Any] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -92,6 +86,7 @@ class ControlPlane:
     def start(self) -> None:
         """Run :meth:`step` every ``tick_s`` in the current event loop."""
         if self._loop_task is None:
+            self._stopping.clear()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -137,10 +132,7 @@ class ControlPlane:
         self.last_tick = await asyncio.to_thread(self.rollouts.tick)
         await self._clear_alarms_of_finished_versions()
         self._run_refreshes()
-        for alias, rec in await asyncio.to_thread(self._new_candidates):
-            await self._ship_reference(rec)  # before traffic reaches it
-            res = await asyncio.to_thread(self.rollouts.start, alias, rec.key, actor="refresh")
-            logger.info("rollout started", extra=res)
+        await asyncio.to_thread(self._roll_out_new_candidates)
         return self.last_tick
 
     async def _poll_drift_events(self) -> None:
@@ -202,32 +194,16 @@ class ControlPlane:
         logger.info("refresh starting", extra={"alias": ref.alias, "refresh": ref.id, "state": ref.state})
         self._refresh_task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.refresher.run, ref))
 
-    def _new_candidates(self) -> list[tuple[str, AdapterVersion]]:
-        """(alias, candidate) for each candidate a finished refresh registered and nobody rolled out yet."""
-        out: dict[str, AdapterVersion] = {}
+    def _roll_out_new_candidates(self) -> None:
+        """Start a rollout for every candidate a finished refresh registered and nobody rolled out yet."""
         for ref in self.registry.refreshes():
-            if ref.state != "done" or ref.candidate is None or ref.alias in out:
+            if ref.state != "done" or ref.candidate is None:
                 continue
             rec = self.registry.get(*parse_key(ref.candidate))
             if rec.state != VersionState.candidate or self.registry.get_rollout(ref.alias) is not None:
                 continue
-            out[ref.alias] = rec
-        return list(out.items())
-
-    async def _ship_reference(self, rec: AdapterVersion) -> str | None:
-        """The drift reference shipped in ``rec``'s artifact (its tuning data's features) becomes the monitor's
-        reference for the version; None when there is none (the version's first requests become it)."""
-        if self.monitor_reference is None:
-            return None
-        with tempfile.TemporaryDirectory(prefix="tsugiki-reference-") as tmp:
-            try:
-                path = await asyncio.to_thread(self.settings.open_artifacts().fetch, rec.artifact_uri,
-                                               Path(tmp) / "artifact")
-            except TsugikiError as e:  # a missing artifact is the rollout's problem, reported there
-                logger.warning(f"no drift reference for {rec.key}: {e}")
-                return None
-            return await ship_reference(path, rec.key, self.monitor_reference, key=reference_key(rec.ref),
-                                        base_fingerprint=self.refresher.base_fingerprint)
+            res = self.rollouts.start(ref.alias, ref.candidate, actor="refresh")
+            logger.info("rollout started", extra=res)
 
     async def wait_refreshes(self) -> None:
         """Wait for the running refresh, if any (tests and the demo)."""
@@ -281,9 +257,7 @@ class ControlPlane:
             cfg["data_path"] = str(inside_roots(data_path, self.roots, param="data_path", what="data_path"))
         rec = await asyncio.to_thread(self.registry.register, name, real, base_fingerprint=self._fingerprint(real),
                                       tuning_config=cfg, gate_report=_card(real).get("gate", {}), actor=actor)
-        out = _version_json(rec)
-        out["drift_reference"] = await self._ship_reference(rec)
-        return out
+        return _version_json(rec)
 
     def _fingerprint(self, path: Path) -> str:
         base = self.refresher.base_fingerprint

@@ -104,6 +104,12 @@ class MonitorDeployment(_PushesMetrics):
     def observe(self, batch: list[dict[str, Any]]) -> int:
         return self.monitor.observe(batch)
 
+    def __del__(self) -> None:
+        """Graceful shutdown: what the last batches changed is saved (state is otherwise saved every
+        ``save_interval_s``), so a restarted monitor resumes exactly."""
+        self._stop_push()
+        self.monitor.save()
+
     def events(self, adapter: str | None, limit: int) -> list[dict[str, Any]]:
         return self.monitor.events(adapter, limit)
 
@@ -133,7 +139,7 @@ class ControllerDeployment(_PushesMetrics):
 
     def __init__(self, settings: dict[str, Any], monitor: DeploymentHandle | None = None) -> None:
         cfg = Settings.model_validate(settings)
-        events = alarms = reset = reference = None
+        events = alarms = reset = None
         if monitor is not None:
             async def events() -> list[dict[str, Any]]:
                 return await monitor.events.remote(None, 200)  # type: ignore[no-any-return]
@@ -144,11 +150,7 @@ class ControllerDeployment(_PushesMetrics):
             async def reset(label: str) -> Any:
                 return await monitor.reset.remote(label)
 
-            async def reference(label: str, features: Any, source: str, key: str) -> Any:
-                return await monitor.set_reference.remote(label, features, source, key)
-
-        self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms, monitor_reset=reset,
-                                  monitor_reference=reference)
+        self.plane = ControlPlane(cfg, monitor_events=events, monitor_alarms=alarms, monitor_reset=reset)
         self.registry = self.plane.metrics_registry
         self._start_push("controller")
         if cfg.controller.enabled:

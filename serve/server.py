@@ -39,7 +39,7 @@ from tsugiki.errors import (
 from tsugiki.monitoring.metrics import RequestQualityMetrics
 from tsugiki.monitoring.monitor import FeatureShipper, Observation
 from tsugiki.monitoring.noise import NoiseDetector, NoiseReport
-from tsugiki.monitoring.reference import ReferenceSink, reference_key, ship_reference
+from tsugiki.monitoring.reference import ReferenceNotSet, ReferenceSink, reference_key, ship_reference
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.serve.engine import AsyncEngine, EngineCore, GenerationRequest, TokenEvent
 from tsugiki.serve.metrics import EngineMetrics
@@ -98,6 +98,9 @@ class _Routed:
                 "agree": agree, "output": output}
 
 
+REFERENCE_RETRY_S = 60.0  # a drift reference the monitor did not take is offered again after this long
+
+
 class ModelServer:
     """Loads the base model and serves generation and adapter management for it.
 
@@ -138,7 +141,7 @@ class ModelServer:
         self.quality = RequestQualityMetrics(self.registry)
         self.shipper = FeatureShipper(monitor_sink if mcfg.enabled else None, self.quality)
         self.monitor_reference = monitor_reference if mcfg.enabled else None
-        self._references: set[str] = set()  # versions whose drift reference this replica handed over
+        self._references: dict[str, float] = {}  # version -> when to hand its drift reference over (again)
         # Aliases: the controller says which versions an alias routes to; outcomes of routed requests go back to
         # it (batched, off the request path) as rollout evidence. Without a controller there are no aliases.
         self.control = control
@@ -192,14 +195,23 @@ class ModelServer:
 
     async def _ship_reference(self, label: str, ref: AdapterRef, *, again: bool = False) -> str | None:
         """Hand the drift reference that stored version ``ref`` ships to the monitor as ``label``'s, once per
-        version on this replica unless ``again`` (the monitor keeps the first copy it got of a version's)."""
+        version on this replica unless ``again`` (the monitor keeps the first copy it gets of a version's). When
+        the monitor does not take it, a request a minute later tries again."""
         key = reference_key(ref)
-        if self.monitor_reference is None or (key in self._references and not again):
+        if self.monitor_reference is None or not (again or self._wants_reference(ref)):
             return None
-        self._references.add(key)
-        return await ship_reference(self.store.path_of(ref), label, self.monitor_reference, key=key,
-                                    base_fingerprint=self.info.fingerprint,
-                                    dim=self.loaded.model.config.hidden_size)
+        self._references[key] = time.monotonic() + REFERENCE_RETRY_S  # one attempt at a time
+        try:
+            source = await ship_reference(self.store.path_of(ref), label, self.monitor_reference, key=key,
+                                          base_fingerprint=self.info.fingerprint, dtype=str(self.loaded.model.dtype),
+                                          dim=self.loaded.model.config.hidden_size)
+        except ReferenceNotSet:
+            return None
+        self._references[key] = math.inf  # handed over, or there is none to hand over
+        return source
+
+    def _wants_reference(self, ref: AdapterRef) -> bool:
+        return self.monitor_reference is not None and self._references.get(reference_key(ref), 0.0) < time.monotonic()
 
     async def unload_adapter(self, name: str) -> dict[str, Any]:
         ref = await asyncio.to_thread(self.store.deactivate, name)
@@ -330,8 +342,9 @@ class ModelServer:
                 if not started:
                     started = True
                     features, prompt_logprob = ev.features, ev.prompt_logprob
-                    if ev.adapter is not None and reference_key(ev.adapter) not in self._references:
-                        # first use of a version here (e.g. one `tsugiki tune` wrote to the store): its reference
+                    if ev.adapter is not None and self._wants_reference(ev.adapter):
+                        # first use of a version here (an alias's version, or one `tsugiki tune` wrote to the
+                        # store): the drift reference it ships goes to the monitor, off the request path
                         self._background(self._ship_reference(label, ev.adapter))
                     yield {"type": "start", "prompt_tokens": len(ids),
                            "adapter": ev.adapter.key if ev.adapter else None, "alias": routed.alias,
@@ -418,7 +431,8 @@ class ModelServer:
     async def drain(self) -> None:
         """Finish shadow requests and reference hand-overs, then hand every buffered outcome to the controller and
         every buffered observation to the monitor (tests call it; a replica calls it when it shuts down)."""
-        while self._tasks:
+        await self.outcomes.flush()  # first: rollout evidence must not wait on anything else
+        while self._tasks:  # shadow requests add outcomes; reference hand-overs are bounded (ship_reference)
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self.outcomes.flush()
         await self.shipper.flush()

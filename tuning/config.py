@@ -113,6 +113,14 @@ class TuneConfig(_Frozen):
     num_cpus: float = Field(default=2, gt=0, description="CPUs the Ray task declares (and torch threads).")
     num_gpus: float = Field(default=0, ge=0)
 
+    @field_validator("drift_reference")
+    @classmethod
+    def _reference_size(cls, v: int) -> int:
+        if 0 < v < 50:
+            raise ValueError("drift_reference is 0 (none) or at least 50 prompts (fewer cannot calibrate a drift "
+                             "detector; the monitor refuses them)")
+        return v
+
     def fingerprint(self) -> str:
         """Hash of what determines the trained weights (not the gate, the strength grid, resources or
         evaluation sizes): a rejected run rerun with a looser gate resumes instead of retraining."""

@@ -279,7 +279,11 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
     reference, ref_record = None, None
     if report.passed and cfg.drift_reference:
         set_strength(model, strength)  # the features of the adapter as written
-        reference, ref_record = drift_reference(cfg, model, tok, data)
+        try:
+            reference, ref_record = drift_reference(cfg, model, tok, data)
+        except Exception as e:  # a passing adapter is worth writing without one (it falls back to first requests)
+            log.warning("no drift reference: %s: %s", type(e).__name__, e)
+            ref_record = {"prompts": 0, "why": f"computing it failed: {type(e).__name__}: {e}"}
     card = {
         "name": name, "run_id": rid, "created": time.time(), "base_model": loaded.info.name,
         "base_model_fingerprint": loaded.info.fingerprint, "data": data.summary(),
@@ -305,7 +309,8 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         cfg_file.write_text(json.dumps(acfg, indent=1))
         (out / CARD_FILE).write_text(json.dumps(card, indent=1, default=str))
         if reference is not None and ref_record is not None:
-            write_reference(out, reference, base_fingerprint=loaded.info.fingerprint, source=ref_record["source"])
+            write_reference(out, reference, base_fingerprint=loaded.info.fingerprint, dtype=str(model.dtype),
+                            source=ref_record["source"])
         (run_dir / "report.json").write_text(json.dumps(card, indent=1, default=str))
         if report.passed and not to_store:
             kept = run_dir / "candidate"

@@ -111,12 +111,13 @@ def test_the_job_ships_the_features_the_engine_computes_and_loading_sets_the_ref
 def test_a_reference_for_another_base_model_or_feature_definition_is_ignored(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     feats = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
-    write_reference(tmp_path, feats, base_fingerprint="base-a", source="tuning data")
-    got = read_reference(tmp_path, base_fingerprint="base-a", dim=8)
+    write_reference(tmp_path, feats, base_fingerprint="base-a", dtype="torch.float32", source="tuning data")
+    got = read_reference(tmp_path, base_fingerprint="base-a", dtype="torch.float32", dim=8)
     assert got is not None and np.array_equal(got[0], feats) and got[1] == "tuning data"
     with caplog.at_level(logging.WARNING, logger="tsugiki.monitoring.reference"):
         assert read_reference(tmp_path, base_fingerprint="base-b") is None
         assert read_reference(tmp_path, base_fingerprint="base-a", dim=16) is None
+        assert read_reference(tmp_path, base_fingerprint="base-a", dtype="torch.bfloat16") is None  # a GPU server
         from safetensors.numpy import save_file
 
         save_file({"features": feats}, str(tmp_path / REFERENCE_FILE),
@@ -125,6 +126,7 @@ def test_a_reference_for_another_base_model_or_feature_definition_is_ignored(
         (tmp_path / REFERENCE_FILE).write_bytes(b"not safetensors")
         assert read_reference(tmp_path, base_fingerprint="base-a") is None
     assert "another base model" in caplog.text and "shape" in caplog.text and FEATURES in caplog.text
+    assert "computed in torch.float32, this server computes in torch.bfloat16" in caplog.text
     assert "unreadable" in caplog.text
     assert read_reference(tmp_path / "nothing-here", base_fingerprint="base-a") is None  # adapters from elsewhere
 
@@ -155,27 +157,86 @@ def test_a_data_reference_makes_the_monitor_watch_from_the_first_request_and_sur
         mon.set_reference("tiny", rng.normal(size=(10, 16)), "too few")
 
 
-def test_registering_a_version_hands_its_reference_to_the_monitor(tiny_dir: Path, lora_all: Path,
-                                                                  lora_other: Path, tmp_path: Path) -> None:
+def test_an_alias_version_hands_its_reference_over_on_first_use_and_retries_a_monitor_outage(
+        tiny_dir: Path, lora_all: Path, tmp_path: Path) -> None:
     root = tmp_path / "adapters"
     shutil.copytree(lora_all, root / "v1")
-    fp = load_base_model(ModelConfig(base_model=str(tiny_dir)), progress=False).info.fingerprint
-    feats = np.random.default_rng(1).normal(size=(60, 8)).astype(np.float32)
-    write_reference(root / "v1", feats, base_fingerprint=fp, source="tuning data (60 prompts)")
-    shutil.copytree(lora_other, root / "plain")  # trained elsewhere: no reference
+    loaded = load_base_model(ModelConfig(base_model=str(tiny_dir)), progress=False)
+    feats = np.random.default_rng(1).normal(size=(60, loaded.model.config.hidden_size)).astype(np.float32)
+    write_reference(root / "v1", feats, base_fingerprint=loaded.info.fingerprint, dtype=str(loaded.model.dtype),
+                    source="tuning data (60 prompts)")
     settings = load_settings(model={"base_model": str(tiny_dir), "served_name": "tiny"},
                              adapters={"store_dir": str(tmp_path / "store"), "roots": [str(root)]},
-                             registry={"path": str(tmp_path / "registry.db"), "artifacts": str(tmp_path / "art")},
+                             registry={"path": str(tmp_path / "registry.db"), "artifacts": str(tmp_path / "art"),
+                                       "refresh_s": 0.001},
                              controller={"enabled": False})
-    sink = Sink()
-    plane = ControlPlane(settings, monitor_reference=sink, base_fingerprint=fp)
-    try:
-        import asyncio
+    plane = ControlPlane(settings, base_fingerprint=loaded.info.fingerprint)
+    down = [True]
 
-        v1 = asyncio.run(plane.register("support", str(root / "v1")))
-        assert v1["key"] == "support@v1" and v1["drift_reference"] == "tuning data (60 prompts)"
-        assert [c[0] for c in sink.calls] == ["support@v1"] and np.array_equal(sink.calls[0][1], feats)
-        v2 = asyncio.run(plane.register("support", str(root / "plain")))
-        assert v2["drift_reference"] is None and len(sink.calls) == 1
+    class Flaky(Sink):
+        async def __call__(self, label: str, features: np.ndarray, source: str, key: str) -> dict[str, Any]:
+            if down[0]:
+                raise ConnectionError("monitor restarting")
+            return await super().__call__(label, features, source, key)
+
+    sink = Flaky()
+    server = ModelServer(settings, loaded=loaded, monitor_reference=sink, control=plane)
+    try:
+        with TestClient(build_app(LocalClient(server, None, plane), settings.server)) as client:
+            assert client.post("/v1/registry/versions", json={"name": "support", "path": str(root / "v1")}
+                               ).status_code == 201
+            assert client.post("/v1/rollouts/support", json={"candidate": "support@v1"}).status_code == 201
+
+            def ask() -> None:
+                r = client.post("/v1/completions", json={"model": "support", "prompt": "hello", "max_tokens": 1})
+                assert r.status_code == 200, r.text  # the monitor being down never reaches a request
+                client.portal.call(server.drain)  # type: ignore[union-attr]
+
+            ask()
+            assert sink.calls == []  # the monitor was down: not handed over, not forgotten
+            down[0] = False
+            ask()
+            assert sink.calls == []  # a minute between attempts, not one per request
+            server._references = {k: 0.0 for k in server._references}  # that minute passes
+            ask()
+            ask()
+            assert [(c[0], c[2]) for c in sink.calls] == [("support@v1", "tuning data (60 prompts)")]
+            assert np.array_equal(sink.calls[0][1], feats) and sink.calls[0][3].startswith("support@v1:")
     finally:
+        server.shutdown()
         plane.registry.close()
+
+
+def test_prompts_are_tokenised_as_the_gateway_tokenises_them() -> None:
+    """A tokenizer that adds BOS: a plain prompt gets it (as /v1/completions does), a chat rendered by the
+    chat template already starts with it and does not get a second one (as /v1/chat/completions does)."""
+    import torch
+
+    class Tok:
+        bos_token, pad_token_id = "<s>", 0
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+            ids = [2 if w == "<s>" else 10 + len(w) for w in text.split()]
+            return {"input_ids": ([2] if add_special_tokens else []) + ids}
+
+    seen: list[list[int]] = []
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            seen.extend(row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask))
+            return type("Out", (), {"last_hidden_state": input_ids[:, :, None].float().repeat(1, 1, 3)})
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.decoder = Decoder()
+
+        def get_decoder(self) -> Decoder:
+            return self.decoder
+
+    from tsugiki.monitoring.reference import prompt_features
+
+    feats = prompt_features(Model(), Tok(), ["what is my balance", "<s> user hi"])
+    assert seen == [[2, 14, 12, 12, 17], [2, 14, 12]]
+    assert feats.shape == (2, 3) and feats[1, 0] == pytest.approx((2 + 14 + 12) / 3)  # padding left out
