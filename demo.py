@@ -178,7 +178,9 @@ def run(args: Any) -> dict[str, Any]:
     from tsugiki.tuning.job import submit
 
     home = Path(args.home or default_home() / "demo").expanduser().resolve()
-    for d in ("store", "monitor", "artifacts", "refresh", "registry.db", "registry.db-wal", "registry.db-shm"):
+    # a fresh run each time: "work" holds the tuning job's checkpoints too, from which v1 would only resume
+    for d in ("store", "monitor", "artifacts", "refresh", "work", "registry.db", "registry.db-wal",
+              "registry.db-shm"):
         p = home / d
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     (home / "work").mkdir(parents=True, exist_ok=True)
