@@ -109,8 +109,9 @@ class ModelServer:
         progress: show a progress bar if the default model must be converted.
         registry: Prometheus registry for engine metrics (a fresh one by default).
         monitor_sink: ``await monitor_sink(observations)``: where drift features and noise flags go.
-        monitor_reference: ``await monitor_reference(label, features, source)``: sets an adapter's drift
-            reference from the features its directory ships (an adapter loaded through the API).
+        monitor_reference: ``await monitor_reference(label, features, source, key)``: sets an adapter's drift
+            reference from the features its directory ships (when it is loaded through the API, and when a
+            version is first used on this replica; see monitoring/reference.py).
         control: the control plane (aliases, outcomes); None serves without aliases.
     """
 
