@@ -2,14 +2,16 @@
 
 The issue's rule: an adapter's drift reference is built from its tuning data when it has some, otherwise from its
 first requests. The tuning job writes ``drift_reference.safetensors`` next to the adapter: the monitor's features
-(:func:`prompt_features`) of up to ``reference_size`` of its training prompts, computed with the finished adapter
-on the base model it was tuned on. When the adapter is loaded through the API or registered as a version, the
-serving side hands them to the monitor, which starts watching at once instead of collecting the first requests.
+(:func:`prompt_features`) of up to ``TuneConfig.drift_reference`` of its training prompts, computed with the
+finished adapter on the base model it was tuned on. When the adapter is loaded through the API, or a model
+replica first serves a version of it (an alias's version, or one written to the store directly), the replica
+hands them to the monitor (:func:`ship_reference`), which then scores from that request on instead of
+collecting the first requests as its reference.
 
 The file is plain safetensors (tensors and string metadata, nothing executable). Its metadata names the base
-model fingerprint and the feature definition; a reference for another base model or feature definition is
-ignored (the adapter then falls back to its first requests), never used to raise false alarms. Adapters trained
-elsewhere have no such file and load as they are.
+model fingerprint, the precision and the feature definition; a reference for another base model, precision or
+feature definition is ignored (the adapter then falls back to its first requests), never used to raise false
+alarms. Adapters trained elsewhere have no such file and load as they are.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 MIN_REFERENCE = 50  # fewer prompts do not calibrate a detector (the monitor refuses under 40)
 # What a feature vector is; a change of definition invalidates references written before it.
-FEATURES = "mean-pooled final hidden state of the prompt tokens (decoder output), float32"
+FEATURES = "mean-pooled final hidden state of the prompt tokens (decoder output)"
 
 
 def prompt_features(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int = 16) -> np.ndarray:
