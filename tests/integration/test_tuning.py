@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import Gateway, wait_for
+from tests.integration.conftest import API_KEY, Gateway, wait_for
 from tsugiki.tuning.data import label_prompt
 
 SUBSET = Path(__file__).resolve().parents[1] / "data" / "clinc150" / "subset.json"
@@ -90,8 +91,11 @@ def test_tune_on_ray_resume_gate_and_serve(gateway: Gateway, tmp_path: Path) -> 
     n_data = card["data"]["train"] + card["data"]["val"]
     assert 0.95 * min(500, n_data) <= card["drift_reference"]["prompts"] <= 500  # unique prompts
 
-    def status() -> dict:
-        return dict(gateway.admin("GET", "/v1/monitor/adapters/banking").json())
+    def status() -> dict:  # an inference endpoint: the API key, not the admin key
+        r = httpx.get(f"{gateway.url}/v1/monitor/adapters/banking", headers={"authorization": f"Bearer {API_KEY}"},
+                      timeout=30)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
 
     wait_for(lambda: str(status().get("reference_source", "")).startswith("tuning data"), timeout=30)
     assert status()["state"] in ("monitoring", "alarm") and status()["requests_seen"] >= 1, status()
