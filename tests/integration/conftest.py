@@ -56,13 +56,20 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop a `tsugiki serve` as a supervisor would: SIGTERM to it alone, so it shuts Ray Serve and Ray down
+    itself (SIGTERM to its whole process group also killed Ray's own processes under it, and Serve then waited
+    30 s for them); then whatever is left of its group is killed."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+            pass
+    try:  # whatever is left of the group (nothing, after a clean shutdown)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
 
 
 @pytest.fixture(scope="session")
