@@ -35,21 +35,20 @@ FEATURES = "mean-pooled final hidden state of the prompt tokens (decoder output)
 def prompt_features(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int = 16) -> np.ndarray:
     """The monitor's drift features of ``prompts``, computed as the serving engine computes them at prefill:
     the decoder's output (final norm included) mean-pooled over the prompt's tokens, in the model's dtype.
-    ``model`` is the transformers or PEFT causal LM with the adapter active. A prompt is tokenised as the
-    gateway tokenises what it stands for: with the tokenizer's special tokens, as ``/v1/completions`` does,
-    unless it already starts with the BOS token (a chat rendered by the chat template, which the gateway
-    tokenises without adding any), the rule the trainer uses too."""
+    ``model`` is the transformers or PEFT causal LM with the adapter active. Prompts are tokenised as the
+    trainer tokenises them (:func:`~tsugiki.serve.base_model.prompt_ids`: as the gateway tokenises what they
+    stand for)."""
     import torch
+
+    from tsugiki.serve.base_model import prompt_ids
 
     decoder = model.get_decoder()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bos = getattr(tokenizer, "bos_token", None)
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
-            encs = [list(tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"])
-                    for p in prompts[i:i + batch_size]]
+            encs = [prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
             width = max(len(e) for e in encs)
             # right padding: causal attention keeps padding out of the real tokens, positions start at 0
             ids = torch.tensor([e + [pad] * (width - len(e)) for e in encs], device=device)

@@ -155,6 +155,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A training prompt's token ids: with the tokenizer's special tokens, as ``/v1/completions`` tokenises a
+    prompt, unless it already starts with the BOS token (a chat rendered by the chat template, which the gateway
+    tokenises without adding any: no second BOS). The trainer and the drift reference both use this rule."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"])
+
+
 def set_torch_threads(n: int) -> int:
     """Set torch's intra-op threads (Ray workers often start with 1); 0 means all cores. Returns the count."""
     want = n or (os.cpu_count() or 1)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tsugiki.config import ModelConfig
+from tsugiki.monitoring.reference import MIN_REFERENCE
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -116,9 +117,9 @@ class TuneConfig(_Frozen):
     @field_validator("drift_reference")
     @classmethod
     def _reference_size(cls, v: int) -> int:
-        if 0 < v < 50:
-            raise ValueError("drift_reference is 0 (none) or at least 50 prompts (fewer cannot calibrate a drift "
-                             "detector; the monitor refuses them)")
+        if 0 < v < MIN_REFERENCE:
+            raise ValueError(f"drift_reference is 0 (none) or at least {MIN_REFERENCE} prompts (fewer cannot "
+                             "calibrate a drift detector)")
         return v
 
     def fingerprint(self) -> str:

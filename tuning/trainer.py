@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tsugiki.monitoring.corruption import corrupt
+from tsugiki.serve.base_model import prompt_ids
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.data import Example
 
@@ -58,9 +59,7 @@ class Encoded:
 
 
 def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Encoded:
-    bos = getattr(tokenizer, "bos_token", None)
-    # a rendered chat template may already start with BOS: do not add a second one
-    p = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+    p = prompt_ids(tokenizer, prompt)
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         c = c + [tokenizer.eos_token_id]
