@@ -26,7 +26,7 @@ import numpy as np
 
 from tsugiki.config import default_home
 from tsugiki.monitoring.corruption import corrupt
-from tsugiki.monitoring.drift import DriftConfig, ReferenceProfile
+from tsugiki.monitoring.drift import DriftConfig, DriftDetector, ReferenceProfile
 from tsugiki.monitoring.noise import NoiseDetector
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
@@ -92,16 +92,19 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float((ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(neg) * len(pos)))
 
 
-def cusum_run(z: np.ndarray, k: float, h: float) -> int | None:
-    """Index of the first alarm in the z stream (or None)."""
-    s = 0.0
-    for i, zi in enumerate(z):
-        s = s + zi - k
-        if s < 0:
-            s = 0.0
-        elif s > h:
-            return i
+def first_alarm(det: DriftDetector, x: np.ndarray, chunk: int = 1000) -> int | None:
+    """Index of the first alarm when feature rows ``x`` stream through ``det`` (the server's detector code,
+    fed in batches as the monitor is), or None."""
+    for start in range(0, len(x), chunk):
+        res = det.update(x[start:start + chunk])
+        if res.alarms:
+            return start + res.alarms[0]
     return None
+
+
+def fresh(prof: ReferenceProfile, cfg: DriftConfig) -> DriftDetector:
+    """A detector on a fitted profile, as right after ``set_reference`` (the fit is shared between runs)."""
+    return DriftDetector(config=cfg, profile=prof, live_mean=np.zeros(prof.points.shape[1]))
 
 
 def shifted(r: np.random.Generator, p_final: float, gradual: bool, n: int,
@@ -121,10 +124,14 @@ def main() -> None:
     ap.add_argument("--ert", type=float, default=10_000)
     ap.add_argument("--compare-ert", type=float, default=500, help="ERT of the runs compared with Alibi Detect")
     ap.add_argument("--window", type=int, default=20, help="Alibi's window size for the comparison")
+    ap.add_argument("--save-seeds", type=int, default=10,
+                    help="seeds whose streams are saved for the Alibi Detect baseline (~7 s each there)")
     ap.add_argument("--reference-size", type=int, default=1000)
     ap.add_argument("--onset", type=int, default=300, help="requests before the shift starts")
     ap.add_argument("--horizon", type=int, default=5000, help="requests watched after onset")
     ap.add_argument("--allowance", type=float, default=None, help="CUSUM k (default: DriftConfig's)")
+    ap.add_argument("--mean-shift-rate", type=float, default=None,
+                    help="DriftConfig.mean_shift_rate (0: the novelty score alone)")
     ap.add_argument("--components", type=int, default=None)
     ap.add_argument("--neighbors", type=int, default=None)
     ap.add_argument("--skip-noise", action="store_true")
@@ -134,7 +141,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=default_home() / "eval")
     args = ap.parse_args()
     over = {k: v for k, v in (("allowance", args.allowance), ("n_components", args.components),
-                              ("n_neighbors", args.neighbors)) if v is not None}
+                              ("n_neighbors", args.neighbors), ("mean_shift_rate", args.mean_shift_rate))
+            if v is not None}
     cfg = DriftConfig(ert=args.ert, reference_size=args.reference_size, ert_over=args.ert_over, **over)
     data = load_clinc(args.data)
     domains = json.loads((args.data / "domains.json").read_text())
@@ -188,16 +196,15 @@ def main() -> None:
     names = sorted(domains)
 
     # ---- drift scenarios -------------------------------------------------------------------------------------
-    k = cfg.allowance
     n_cal = cfg.reference_size - cfg.reference_size // 2  # the neighbour half calibrates
-    h = cfg.threshold(n_cal)  # the same rule the server's detector uses
-    h_cmp = cfg.model_copy(update={"ert": args.compare_ert}).threshold(n_cal)
+    cfg_cmp = cfg.model_copy(update={"ert": args.compare_ert})
     scen_delays: dict[str, list[float]] = {}
     cmp_delays: dict[str, list[float]] = {}
     run_lengths, cmp_run_lengths = [], []
     saved = []
-    log(f"drift: {args.seeds} seeds, ert_over={args.ert_over}, ERT {cfg.ert:g} (h={h:.2f}), "
-        f"comparison ERT {args.compare_ert:g} (h={h_cmp:.2f}), k={k}")
+    log(f"drift: {args.seeds} seeds, ert_over={args.ert_over}, ERT {cfg.ert:g} (h={cfg.threshold(n_cal):.2f}), "
+        f"comparison ERT {args.compare_ert:g} (h={cfg_cmp.threshold(n_cal):.2f}), k={cfg.allowance}, "
+        f"mean_shift_rate={cfg.mean_shift_rate}")
     t0 = time.time()
     for seed in range(args.seeds):
         r = np.random.default_rng(seed)
@@ -206,47 +213,46 @@ def main() -> None:
         out_idx = np.flatnonzero(~np.isin(dom, list(ref_domains)))
         r.shuffle(in_idx)
         ref_idx, live_in = in_idx[: cfg.reference_size], in_idx[cfg.reference_size:]
-        prof = ReferenceProfile.fit(f_in[ref_idx], n_components=cfg.n_components, n_neighbors=cfg.n_neighbors,
-                                    seed=seed)
-        z_in, z_out, z_oos = prof.z(f_in[live_in]), prof.z(f_in[out_idx]), prof.z(f_oos)
+        # the server's fit (DriftDetector.set_reference), shared by every run of this seed
+        prof = ReferenceProfile.fit(f_in[ref_idx], n_components=cfg.n_components, n_neighbors=cfg.n_neighbors)
+        live = f_in[live_in]
         nd_mask = np.isin(noise_dom, list(ref_domains))
-        z_noisy = {fam: prof.z(f_noisy[fam][nd_mask]) for fam in f_noisy}
+        pools = {"out": f_in[out_idx], "oos": f_oos, **{f"noisy:{fam}": f_noisy[fam][nd_mask] for fam in f_noisy}}
         # no drift: run length until the first (false) alarm, capped at 50x ERT
-        cap = int(50 * cfg.ert)
-        stream = z_in[r.integers(0, len(z_in), cap)]
-        rl = cusum_run(stream, k, h)
-        run_lengths.append(cap if rl is None else rl + 1)
-        rl = cusum_run(stream[: int(50 * args.compare_ert)], k, h_cmp)
-        cmp_run_lengths.append(int(50 * args.compare_ert) if rl is None else rl + 1)
+        for c, lengths in ((cfg, run_lengths), (cfg_cmp, cmp_run_lengths)):
+            cap = int(50 * c.ert)
+            rl = first_alarm(fresh(prof, c), live[r.integers(0, len(live), cap)], chunk=2000)
+            lengths.append(cap if rl is None else rl + 1)
 
         scenarios = {}
         for p in (0.1, 0.3, 1.0):
-            scenarios[f"abrupt new domains {int(p * 100)}%"] = (p, False, z_out, out_idx, "out")
-            scenarios[f"gradual new domains {int(p * 100)}%"] = (p, True, z_out, out_idx, "out")
-        scenarios["oos surge 30%"] = (0.3, False, z_oos, None, "oos")
-        for fam in z_noisy:
+            scenarios[f"abrupt new domains {int(p * 100)}%"] = (p, False, "out")
+            scenarios[f"gradual new domains {int(p * 100)}%"] = (p, True, "out")
+        scenarios["oos surge 30%"] = (0.3, False, "oos")
+        for fam in f_noisy:
             for p in (0.05, 0.2):
-                scenarios[f"noise {fam} {int(p * 100)}%"] = (p, False, z_noisy[fam], None, f"noisy:{fam}")
+                scenarios[f"noise {fam} {int(p * 100)}%"] = (p, False, f"noisy:{fam}")
         n = args.onset + args.horizon
         seed_streams = {}
-        for name, (p, gradual, zpool, _, kind) in scenarios.items():
+        for name, (p, gradual, kind) in scenarios.items():
             from_pool, pick = shifted(r, p, gradual, n, args.onset)
-            zs = np.where(from_pool, zpool[pick % len(zpool)], z_in[pick % len(z_in)])
-            first = cusum_run(zs, k, h)
+            pool = pools[kind]
+            xs = np.where(from_pool[:, None], pool[pick % len(pool)], live[pick % len(live)])
+            first = first_alarm(fresh(prof, cfg), xs)
             if first is not None and first < args.onset:
                 scen_delays.setdefault(name, []).append(np.nan)  # a false alarm before onset
             else:
                 scen_delays.setdefault(name, []).append(np.inf if first is None else first - args.onset + 1)
             # For the comparison with Alibi Detect both detectors start at the change (as Alibi's own examples
             # measure delay), so delays are not confounded by false alarms before it.
-            post = cusum_run(zs[args.onset:args.onset + 2000], k, h_cmp)
+            post = first_alarm(fresh(prof, cfg_cmp), xs[args.onset:args.onset + 2000])
             cmp_delays.setdefault(name, []).append(np.inf if post is None else post + 1)
-            if seed < 10 and not name.startswith("noise") or (seed < 10 and name.endswith("20%")):
+            if seed < args.save_seeds and (not name.startswith("noise") or name.endswith("20%")):
                 seed_streams[name] = (from_pool, pick, kind)
-        if seed < 10:
+        if seed < args.save_seeds:
             saved.append({"seed": seed, "ref_idx": ref_idx, "live_in": live_in, "out_idx": out_idx,
-                          "nd_mask": nd_mask, "streams": seed_streams})
-        if seed % 10 == 0:
+                          "nd_mask": nd_mask, "streams": seed_streams, "prof": prof})
+        if seed % 5 == 0:
             log(f"  seed {seed + 1}/{args.seeds}  {time.time() - t0:.0f}s")
 
     def fmt(v: list[float]) -> tuple[str, str, str]:
@@ -280,19 +286,16 @@ def main() -> None:
                 "horizon": args.horizon, "seeds": [], "ours": {}}
     for s in saved:
         seed = s["seed"]
-        prof = ReferenceProfile.fit(f_in[s["ref_idx"]], n_components=cfg.n_components,
-                                    n_neighbors=cfg.n_neighbors, seed=seed)
+        prof = s["prof"]
+
         def proj(x: np.ndarray, prof: ReferenceProfile = prof) -> np.ndarray:
             return ((x - prof.mean) @ prof.components).astype(np.float32)
 
         bundle[f"s{seed}_ref"] = proj(f_in[s["ref_idx"]])
         for name, (from_pool, pick, kind) in s["streams"].items():
             live = f_in[s["live_in"]]
-            if kind == "out":
-                pool = f_in[s["out_idx"]]
-            elif kind == "oos":
-                pool = f_oos
-            else:
+            pool = {"out": f_in[s["out_idx"]], "oos": f_oos}.get(kind)
+            if pool is None:
                 pool = f_noisy[kind.split(":")[1]][s["nd_mask"]]
             x = np.where(from_pool[:, None], pool[pick % len(pool)], live[pick % len(live)])
             bundle[f"s{seed}_{name}"] = proj(x[args.onset:args.onset + 2000])

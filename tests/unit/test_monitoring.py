@@ -65,17 +65,19 @@ def test_calibration_caps_false_positives() -> None:
     assert np.mean([det.score(t).flagged for t in clean]) <= 0.05
 
 
-def test_cusum_threshold_gives_the_configured_run_length() -> None:
-    # Monte Carlo on N(0, 1) increments: the mean run length must match the ERT within sampling error.
+@pytest.mark.parametrize("variance", [1.0, 1.3])
+def test_cusum_threshold_gives_the_configured_run_length(variance: float) -> None:
+    # Monte Carlo on N(0, variance) increments: the mean run length must match the ERT within sampling error.
     rng = np.random.default_rng(0)
     k, ert = 0.25, 300
-    h = cusum_threshold(k, ert)
+    h = cusum_threshold(k, ert, variance=variance)
+    assert (h > cusum_threshold(k, ert)) == (variance > 1)
     runs = []
     for _ in range(300):
         s, t = 0.0, 0
         while True:
             t += 1
-            s = max(0.0, s + rng.standard_normal() - k)
+            s = max(0.0, s + np.sqrt(variance) * rng.standard_normal() - k)
             if s > h:
                 break
         runs.append(t)
@@ -115,6 +117,36 @@ def test_detector_calibration_no_drift_and_detection_under_shift() -> None:
     assert res.alarms and res.alarms[0] < 50
 
 
+def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> None:
+    # Every request moves a little in one common direction (|shift| = 0.8 sd over 4 of 16 dimensions): each still
+    # looks ordinary (novelty ~0), which the novelty CUSUM alone is slow to see; the mean-shift score sees it.
+    def rows(r: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
+        x = r.standard_normal((n, 16))
+        x[:, :4] += shift / 2
+        return x
+
+    cfg = DriftConfig(ert=1000, reference_size=400, n_components=16, n_neighbors=10)
+    for seed in range(3):
+        r = np.random.default_rng(seed)
+        det = DriftDetector(config=cfg)
+        det.set_reference(rows(r, 400))
+        assert det.profile is not None
+        null, _ = det.profile.shift_z(det.profile.project(rows(r, 4000)), np.zeros(16), cfg.mean_shift_rate)
+        # ~N(0, 1) with no drift: the calibration set's own finite-sample wobble is ~1/sqrt(200) = 0.07
+        assert abs(null.mean()) < 0.15 and 0.9 < null.std() < 1.1, (null.mean(), null.std())
+        moved = det.profile.project(rows(r, 1000, shift=0.8))
+        z_shift, live_mean = det.profile.shift_z(moved, np.zeros(16), cfg.mean_shift_rate)
+        assert z_shift[100:].mean() > 0.4 and det.profile.novelty_z(moved).mean() < 0.3
+        assert np.linalg.norm(live_mean) > 0.5  # the running mean moved off the reference's centre
+        x = rows(r, 1000, shift=0.8)
+        on, off = DriftDetector(config=cfg), DriftDetector(config=cfg.model_copy(update={"mean_shift_rate": 0}))
+        ref = rows(np.random.default_rng(100 + seed), 400)
+        on.set_reference(ref)
+        off.set_reference(ref)
+        first_on, first_off = on.update(x).alarms, off.update(x).alarms
+        assert first_on and first_on[0] < 100 and (not first_off or first_off[0] > first_on[0]), (first_on, first_off)
+
+
 def test_reference_collected_from_first_requests_and_state_round_trip(tmp_path: Path) -> None:
     cfg = DriftConfig(ert=500, reference_size=100, n_components=4)
     rng = np.random.default_rng(2)
@@ -151,8 +183,8 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     fired = mon.observe(_obs("intent", _gauss(rng, 300, shift=3.0), 300))
     assert fired >= 1
     ev = mon.events("intent")[0]
-    # the default ert_over='references' threshold, from the 100 calibration points of a 200-request reference
-    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000, 100))
+    # the default threshold, from the 100 calibration points of a 200-request reference (DriftConfig.threshold)
+    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000, 200, 1 + 1 / 3))
     assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
     assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
     assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
