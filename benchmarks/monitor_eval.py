@@ -121,6 +121,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (held-out "
+                                                              "checks of settings chosen on seeds 0..49)")
     ap.add_argument("--ert", type=float, default=10_000)
     ap.add_argument("--compare-ert", type=float, default=500, help="ERT of the runs compared with Alibi Detect")
     ap.add_argument("--window", type=int, default=20, help="Alibi's window size for the comparison")
@@ -206,7 +208,7 @@ def main() -> None:
         f"comparison ERT {args.compare_ert:g} (h={cfg_cmp.threshold(n_cal):.2f}), k={cfg.allowance}, "
         f"mean_shift_rate={cfg.mean_shift_rate}")
     t0 = time.time()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         r = np.random.default_rng(seed)
         ref_domains = set(r.choice(names, 5, replace=False))
         in_idx = np.flatnonzero(np.isin(dom, list(ref_domains)))
@@ -247,13 +249,13 @@ def main() -> None:
             # measure delay), so delays are not confounded by false alarms before it.
             post = first_alarm(fresh(prof, cfg_cmp), xs[args.onset:args.onset + 2000])
             cmp_delays.setdefault(name, []).append(np.inf if post is None else post + 1)
-            if seed < args.save_seeds and (not name.startswith("noise") or name.endswith("20%")):
+            if seed - args.first_seed < args.save_seeds and (not name.startswith("noise") or name.endswith("20%")):
                 seed_streams[name] = (from_pool, pick, kind)
-        if seed < args.save_seeds:
+        if seed - args.first_seed < args.save_seeds:
             saved.append({"seed": seed, "ref_idx": ref_idx, "live_in": live_in, "out_idx": out_idx,
                           "nd_mask": nd_mask, "streams": seed_streams, "prof": prof})
         if seed % 5 == 0:
-            log(f"  seed {seed + 1}/{args.seeds}  {time.time() - t0:.0f}s")
+            log(f"  seed {seed - args.first_seed + 1}/{args.seeds}  {time.time() - t0:.0f}s")
 
     def fmt(v: list[float]) -> tuple[str, str, str]:
         a = np.array(v, dtype=float)
@@ -292,6 +294,8 @@ def main() -> None:
             return ((x - prof.mean) @ prof.components).astype(np.float32)
 
         bundle[f"s{seed}_ref"] = proj(f_in[s["ref_idx"]])
+        # the half the whitening was not fitted on: exchangeable with live traffic under no drift
+        bundle[f"s{seed}_ref_heldout"] = prof.points.astype(np.float32)
         for name, (from_pool, pick, kind) in s["streams"].items():
             live = f_in[s["live_in"]]
             pool = {"out": f_in[s["out_idx"]], "oos": f_oos}.get(kind)

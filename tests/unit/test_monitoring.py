@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from tsugiki.monitoring.corruption import FAMILIES, corrupt
-from tsugiki.monitoring.drift import DriftConfig, DriftDetector, ReferenceProfile, cusum_threshold
+from tsugiki.monitoring.drift import (
+    SHIFT_TAIL_CAP,
+    DriftConfig,
+    DriftDetector,
+    ReferenceProfile,
+    cusum_threshold,
+)
 from tsugiki.monitoring.monitor import FeatureShipper, Monitor, MonitorConfig, Observation
 from tsugiki.monitoring.noise import REASONS, NoiseDetector
 
@@ -138,6 +144,9 @@ def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> No
         z_shift, live_mean = det.profile.shift_z(moved, np.zeros(16), cfg.mean_shift_rate)
         assert z_shift[100:].mean() > 0.4 and det.profile.novelty_z(moved).mean() < 0.3
         assert np.linalg.norm(live_mean) > 0.5  # the running mean moved off the reference's centre
+        # far beyond every calibration point the rank saturates (~2.9); the score goes on, up to the cap
+        far, _ = det.profile.shift_z(det.profile.project(rows(r, 200, shift=8.0)), np.zeros(16), cfg.mean_shift_rate)
+        assert far[50:].min() > 3.5 and far.max() == SHIFT_TAIL_CAP
         x = rows(r, 1000, shift=0.8)
         on, off = DriftDetector(config=cfg), DriftDetector(config=cfg.model_copy(update={"mean_shift_rate": 0}))
         ref = rows(np.random.default_rng(100 + seed), 400)
@@ -184,7 +193,7 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     assert fired >= 1
     ev = mon.events("intent")[0]
     # the default threshold, from the 100 calibration points of a 200-request reference (DriftConfig.threshold)
-    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000, 200, 1 + 1 / 3))
+    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000, 200, 1 + 1 / 5))
     assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
     assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
     assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
