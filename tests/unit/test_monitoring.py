@@ -193,7 +193,7 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     assert fired >= 1
     ev = mon.events("intent")[0]
     # the default threshold, from the 100 calibration points of a 200-request reference (DriftConfig.threshold)
-    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000, 200, 1 + 1 / 5))
+    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000, 200, 1 + 2 / 5))
     assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
     assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
     assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
