@@ -55,7 +55,11 @@ def main() -> None:
     run_lengths: list[float] = []
     for seed in manifest["seeds"]:
         t0 = time.time()
-        x_ref = streams[f"s{seed}_ref" if args.reference == "all" else f"s{seed}_ref_heldout"]
+        key = f"s{seed}_ref" if args.reference == "all" else f"s{seed}_ref_heldout"
+        if key not in streams.files:
+            raise SystemExit(f"{out / 'alibi_streams.npz'} has no {key}: save the streams again with this "
+                             "version of benchmarks/monitor_eval.py")
+        x_ref = streams[key]
         cd = MMDDriftOnline(x_ref, ert=ert, window_size=window, backend="pytorch", n_bootstraps=n_boot,
                             verbose=False)
         print(f"[seed {seed}] calibrated in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)

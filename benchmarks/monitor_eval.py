@@ -92,11 +92,12 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float((ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(neg) * len(pos)))
 
 
-def first_alarm(det: DriftDetector, x: np.ndarray, chunk: int = 1000) -> int | None:
-    """Index of the first alarm when feature rows ``x`` stream through ``det`` (the server's detector code,
-    fed in batches as the monitor is), or None."""
-    for start in range(0, len(x), chunk):
-        res = det.update(x[start:start + chunk])
+def first_alarm(det: DriftDetector, x: np.ndarray, chunk: int = 1000, idx: np.ndarray | None = None) -> int | None:
+    """Index of the first alarm when feature rows ``x`` (or ``x[idx]``, gathered chunk by chunk) stream through
+    ``det`` (the server's detector code, fed in batches as the monitor is), or None."""
+    n = len(x) if idx is None else len(idx)
+    for start in range(0, n, chunk):
+        res = det.update(x[start:start + chunk] if idx is None else x[idx[start:start + chunk]])
         if res.alarms:
             return start + res.alarms[0]
     return None
@@ -226,7 +227,7 @@ def main() -> None:
         # no drift: run length until the first (false) alarm, capped at 50x ERT
         for c, lengths in ((cfg, run_lengths), (cfg_cmp, cmp_run_lengths)):
             cap = int(50 * c.ert)
-            rl = first_alarm(fresh(prof, c), live[r.integers(0, len(live), cap)], chunk=2000)
+            rl = first_alarm(fresh(prof, c), live, chunk=2000, idx=r.integers(0, len(live), cap))
             lengths.append(cap if rl is None else rl + 1)
         if args.only_no_drift:
             if seed % 25 == 0:

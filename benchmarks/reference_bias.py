@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tsugiki.config import ModelConfig
-from tsugiki.monitoring.drift import DriftConfig, ReferenceProfile
+from tsugiki.monitoring.drift import DriftConfig, DriftDetector, ReferenceProfile
 from tsugiki.monitoring.reference import prompt_features, read_reference
 from tsugiki.serve.base_model import load_base_model, set_torch_threads
 from tsugiki.tuning.data import label_prompt
@@ -53,11 +53,10 @@ def main() -> None:
         for s in range(10):
             prof = ReferenceProfile.fit(reference, n_components=cfg.n_components, n_neighbors=cfg.n_neighbors,
                                         seed=s)
-            p = prof.project(live[np.random.default_rng(s).permutation(len(live))])
-            z = prof.novelty_z(p)
-            z_shift, _ = prof.shift_z(p, np.zeros(p.shape[1]), cfg.mean_shift_rate)
-            novelty.append(float(z.mean()))
-            combined.append(float(((z + z_shift) / np.sqrt(2)).mean()))
+            stream = live[np.random.default_rng(s).permutation(len(live))]
+            novelty.append(float(prof.z(stream).mean()))
+            det = DriftDetector(config=cfg, profile=prof, live_mean=np.zeros(prof.points.shape[1]))
+            combined.append(float(det.update(stream).z.mean()))  # what the server's CUSUM adds up
         return novelty, combined
 
     on = mean_z(ref, prompt_features(model, loaded.tokenizer, test, batch_size=32))

@@ -176,7 +176,8 @@ class Monitor:
         top = sorted(recent, key=lambda r: -r[1])[:5]
         ev = {
             "id": uuid.uuid4().hex, "type": "drift_alarm", "adapter": adapter, "time": time.time(),
-            "statistic": "cusum_standardised_knn_novelty", "threshold": det.threshold,
+            "statistic": ("cusum_novelty_plus_mean_shift" if det.config.mean_shift_rate > 0
+                          else "cusum_standardised_knn_novelty"), "threshold": det.threshold,
             "requests_seen": det.seen, "ert": det.config.ert,
             "window": {"requests": len(recent), "mean_z": float(np.mean(zs)) if zs else None,
                        "share_above_reference_p95": float(np.mean(np.array(zs) > 1.645)) if zs else None,
@@ -244,7 +245,11 @@ class Monitor:
             except (OSError, ValueError, KeyError) as e:
                 logger.warning(f"ignoring unreadable monitor state in {d}: {e}")
                 continue
-            st = _AdapterState(DriftDetector.from_state(scalars, arrays), alarm=bool(scalars.get("alarm")),
+            det = DriftDetector.from_state(scalars, arrays)
+            # the settings in force now, not those saved: an operator's change (or a new setting's default after
+            # an upgrade) applies to adapters that already have state; the saved profile keeps its own shapes
+            det.config = self.config.adapters.get(d.name, self.config.drift)
+            st = _AdapterState(det, alarm=bool(scalars.get("alarm")),
                                reference_source=str(scalars.get("reference_source", "first requests")),
                                reference_key=scalars.get("reference_key"))
             st.recent = deque(maxlen=st.detector.config.window)

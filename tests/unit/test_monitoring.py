@@ -144,7 +144,7 @@ def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> No
         z_shift, live_mean = det.profile.shift_z(moved, np.zeros(16), cfg.mean_shift_rate)
         assert z_shift[100:].mean() > 0.4 and det.profile.novelty_z(moved).mean() < 0.3
         assert np.linalg.norm(live_mean) > 0.5  # the running mean moved off the reference's centre
-        # far beyond every calibration point the rank saturates (~2.9); the score goes on, up to the cap
+        # far beyond every calibration point the rank saturates (~3.1); the score goes on, up to the cap
         far, _ = det.profile.shift_z(det.profile.project(rows(r, 200, shift=8.0)), np.zeros(16), cfg.mean_shift_rate)
         assert far[50:].min() > 3.5 and far.max() == SHIFT_TAIL_CAP
         x = rows(r, 1000, shift=0.8)
@@ -154,6 +154,20 @@ def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> No
         off.set_reference(ref)
         first_on, first_off = on.update(x).alarms, off.update(x).alarms
         assert first_on and first_on[0] < 100 and (not first_off or first_off[0] > first_on[0]), (first_on, first_off)
+
+
+def test_mean_shift_rate_settings_and_state_saved_before_it() -> None:
+    assert DriftConfig(mean_shift_rate=0).threshold(500) == pytest.approx(cusum_threshold(0.15, 10_000, 500))
+    for bad in (0.001, 0.6, -0.1):
+        with pytest.raises(ValueError):
+            DriftConfig(mean_shift_rate=bad)
+    det = DriftDetector(config=DriftConfig(ert=500, reference_size=100, n_components=4))
+    det.set_reference(_gauss(np.random.default_rng(5), 100, d=6))
+    scalars, arrays = det.state_dict()
+    del arrays["live_mean"]  # state written before the mean-shift score existed
+    old = DriftDetector.from_state(scalars, arrays)
+    assert old.live_mean is not None and not old.live_mean.any()
+    assert len(old.update(_gauss(np.random.default_rng(6), 30, d=6)).z) == 30
 
 
 def test_reference_collected_from_first_requests_and_state_round_trip(tmp_path: Path) -> None:
@@ -209,6 +223,12 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     assert again.status("intent")["statistic"] == pytest.approx(mon.status("intent")["statistic"])
     again.reset("intent")
     assert again.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 0.0
+    # settings changed since the state was saved apply on restart (the saved profile is kept)
+    quieter = Monitor(cfg.model_copy(update={"drift": cfg.drift.model_copy(update={"ert": 5000,
+                                                                                    "mean_shift_rate": 0.0})}))
+    st = quieter.status("intent")
+    assert st["config"]["ert"] == 5000 and st["config"]["mean_shift_rate"] == 0.0 and st["state"] == "monitoring"
+    assert st["threshold"] == pytest.approx(cusum_threshold(0.15, 5000, 100))  # novelty alone: n, variance 1
 
 
 def test_shipper_batches_and_never_raises_when_the_monitor_is_down() -> None:
