@@ -61,16 +61,7 @@ class DriftConfig(BaseModel):
         default=0.05, ge=0, le=0.5,
         description="Weight of each request in the running live mean whose direction the mean-shift score "
                     "projects on (about 1/rate requests of memory); 0 turns the mean-shift score off and the "
-                    "CUSUM runs on the novelty score alone. Calibrated for 0.01-0.5 (measured at 0.02-0.1).")
-
-    @field_validator("mean_shift_rate")
-    @classmethod
-    def _rate_in_calibrated_range(cls, v: float) -> float:
-        # below ~0.01 the direction's memory (1/rate) nears the ERT, and the wandering bias the threshold models as
-        # long-run variance becomes a fixed bias per deployment: the threshold formula no longer holds
-        if 0 < v < 0.01:
-            raise ValueError("mean_shift_rate must be 0 (off) or at least 0.01")
-        return v
+                    "CUSUM runs on the novelty score alone. Allowed: 0 or 0.01-0.5 (run lengths measured at 0.05).")
     window: int = Field(default=200, gt=0, description="Recent requests summarised in alarm events.")
     enabled: bool = Field(default=True, description="Run drift detection for this adapter at all.")
     ert_over: Literal["references", "stream"] = Field(
@@ -80,6 +71,15 @@ class DriftConfig(BaseModel):
                     "lengths grow exponentially with that shift); 'stream': the ERT holds for a deployment whose "
                     "reference calibrated without bias, and averaged over deployments the run length is longer "
                     "(2.6x measured at ERT 10,000 with the novelty score alone; see cusum_threshold).")
+
+    @field_validator("mean_shift_rate")
+    @classmethod
+    def _rate_in_calibrated_range(cls, v: float) -> float:
+        # below ~0.01 the direction's memory (1/rate) nears the ERT, and the wandering bias the threshold models as
+        # long-run variance becomes a fixed bias per deployment: the threshold formula no longer holds
+        if 0 < v < 0.01:
+            raise ValueError("mean_shift_rate must be 0 (off) or at least 0.01")
+        return v
 
     def threshold(self, n_calibration: int) -> float:
         """The CUSUM threshold for this ERT, given the reference's number ``n`` of held-out calibration points.
@@ -236,8 +236,9 @@ class ReferenceProfile:
                 below = int(np.count_nonzero(ref < live))
                 ties = int(np.count_nonzero(ref == live))
                 z[t] = _NORMAL.inv_cdf((below + 0.5 * ties + 0.5) / (n + 1))
-                if below == n:
-                    z[t] = min(SHIFT_TAIL_CAP, max(z[t], (live - float(ref.mean())) / float(ref.std())))
+                sd = float(ref.std())
+                if below == n and sd > 0:
+                    z[t] = min(SHIFT_TAIL_CAP, max(z[t], (live - float(ref.mean())) / sd))
             m = (1.0 - rate) * m + rate * row
         return z, m
 

@@ -161,6 +161,11 @@ def test_mean_shift_rate_settings_and_state_saved_before_it() -> None:
     for bad in (0.001, 0.6, -0.1):
         with pytest.raises(ValueError):
             DriftConfig(mean_shift_rate=bad)
+    # calibration points that all project alike (a degenerate reference): no division by their zero spread
+    flat = ReferenceProfile(mean=np.zeros(3), components=np.eye(3), points=np.zeros((10, 3)),
+                            calibration=np.zeros(10), n_neighbors=1)
+    z, _ = flat.shift_z(np.ones((5, 3)), np.zeros(3), 0.5)
+    assert np.isfinite(z).all() and z[0] == 0.0 and z[1] > 1.0
     det = DriftDetector(config=DriftConfig(ert=500, reference_size=100, n_components=4))
     det.set_reference(_gauss(np.random.default_rng(5), 100, d=6))
     scalars, arrays = det.state_dict()
