@@ -103,11 +103,6 @@ def first_alarm(det: DriftDetector, x: np.ndarray, chunk: int = 1000, idx: np.nd
     return None
 
 
-def fresh(prof: ReferenceProfile, cfg: DriftConfig) -> DriftDetector:
-    """A detector on a fitted profile, as right after ``set_reference`` (the fit is shared between runs)."""
-    return DriftDetector(config=cfg, profile=prof, live_mean=np.zeros(prof.points.shape[1]))
-
-
 def shifted(r: np.random.Generator, p_final: float, gradual: bool, n: int,
             onset: int) -> tuple[np.ndarray, np.ndarray]:
     """A stream plan: ``onset`` clean requests, then a mixture whose shifted share is ``p_final`` (reached
@@ -219,7 +214,8 @@ def main() -> None:
         out_idx = np.flatnonzero(~np.isin(dom, list(ref_domains)))
         r.shuffle(in_idx)
         ref_idx, live_in = in_idx[: cfg.reference_size], in_idx[cfg.reference_size:]
-        # the server's fit (DriftDetector.set_reference), shared by every run of this seed
+        # the server's fit (DriftDetector.set_reference), shared by every run of this seed: a detector on it
+        # starts as one right after set_reference
         prof = ReferenceProfile.fit(f_in[ref_idx], n_components=cfg.n_components, n_neighbors=cfg.n_neighbors)
         live = f_in[live_in]
         nd_mask = np.isin(noise_dom, list(ref_domains))
@@ -227,7 +223,7 @@ def main() -> None:
         # no drift: run length until the first (false) alarm, capped at 50x ERT
         for c, lengths in ((cfg, run_lengths), (cfg_cmp, cmp_run_lengths)):
             cap = int(50 * c.ert)
-            rl = first_alarm(fresh(prof, c), live, chunk=2000, idx=r.integers(0, len(live), cap))
+            rl = first_alarm(DriftDetector(config=c, profile=prof), live, chunk=2000, idx=r.integers(0, len(live), cap))
             lengths.append(cap if rl is None else rl + 1)
         if args.only_no_drift:
             if seed % 25 == 0:
@@ -248,14 +244,14 @@ def main() -> None:
             from_pool, pick = shifted(r, p, gradual, n, args.onset)
             pool = pools[kind]
             xs = np.where(from_pool[:, None], pool[pick % len(pool)], live[pick % len(live)])
-            first = first_alarm(fresh(prof, cfg), xs)
+            first = first_alarm(DriftDetector(config=cfg, profile=prof), xs)
             if first is not None and first < args.onset:
                 scen_delays.setdefault(name, []).append(np.nan)  # a false alarm before onset
             else:
                 scen_delays.setdefault(name, []).append(np.inf if first is None else first - args.onset + 1)
             # For the comparison with Alibi Detect both detectors start at the change (as Alibi's own examples
             # measure delay), so delays are not confounded by false alarms before it.
-            post = first_alarm(fresh(prof, cfg_cmp), xs[args.onset:args.onset + 2000])
+            post = first_alarm(DriftDetector(config=cfg_cmp, profile=prof), xs[args.onset:args.onset + 2000])
             cmp_delays.setdefault(name, []).append(np.inf if post is None else post + 1)
             if seed - args.first_seed < args.save_seeds and (not name.startswith("noise") or name.endswith("20%")):
                 seed_streams[name] = (from_pool, pick, kind)

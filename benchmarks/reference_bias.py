@@ -55,7 +55,7 @@ def main() -> None:
                                         seed=s)
             stream = live[np.random.default_rng(s).permutation(len(live))]
             novelty.append(float(prof.z(stream).mean()))
-            det = DriftDetector(config=cfg, profile=prof, live_mean=np.zeros(prof.points.shape[1]))
+            det = DriftDetector(config=cfg, profile=prof)
             combined.append(float(det.update(stream).z.mean()))  # what the server's CUSUM adds up
         return novelty, combined
 

@@ -237,8 +237,7 @@ class ReferenceProfile:
                 below = int(np.count_nonzero(ref < live))
                 ties = int(np.count_nonzero(ref == live))
                 z[t] = _NORMAL.inv_cdf((below + 0.5 * ties + 0.5) / (n + 1))
-                sd = float(ref.std())
-                if below == n and sd > 0:
+                if below == n and (sd := float(ref.std())) > 0:
                     z[t] = min(SHIFT_TAIL_CAP, max(z[t], (live - float(ref.mean())) / sd))
             m = (1.0 - rate) * m + rate * row
         return z, m
@@ -283,7 +282,8 @@ class DriftDetector:
     alarms: int = 0
     last_alarm_at: int | None = None
     pending: list[np.ndarray] = field(default_factory=list)
-    live_mean: np.ndarray | None = None  # running mean of live requests, whitened coordinates of the profile
+    # running mean of live requests in the profile's whitened coordinates; None: none yet (starts at zero)
+    live_mean: np.ndarray | None = None
 
     @property
     def threshold(self) -> float:
@@ -299,8 +299,7 @@ class DriftDetector:
         """Fit the profile on ``x`` (e.g. the adapter's tuning data); restarts the CUSUM."""
         self.profile = ReferenceProfile.fit(x, n_components=self.config.n_components,
                                             n_neighbors=self.config.n_neighbors)
-        self.statistic, self.pending = 0.0, []
-        self.live_mean = np.zeros(self.profile.points.shape[1])
+        self.statistic, self.pending, self.live_mean = 0.0, [], None
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         """The CUSUM's increments for live rows in arrival order (advances the running live mean)."""
@@ -360,10 +359,8 @@ class DriftDetector:
                   seen=int(scalars["seen"]), alarms=int(scalars["alarms"]), last_alarm_at=scalars["last_alarm_at"])
         if "points" in arrays:
             det.profile = ReferenceProfile.from_arrays(arrays)
-        if "live_mean" in arrays:
+        if "live_mean" in arrays:  # absent from state saved before the mean-shift score existed
             det.live_mean = np.asarray(arrays["live_mean"], dtype=np.float64)
-        elif det.profile is not None:  # state saved before the mean-shift score existed
-            det.live_mean = np.zeros(det.profile.points.shape[1])
         if "pending" in arrays:
             det.pending = [arrays["pending"]]
         return det
