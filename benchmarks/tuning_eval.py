@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--test-per-intent", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--num-layers", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=3e-3)
     ap.add_argument("--full-lr", type=float, default=1e-4)
     ap.add_argument("--severity", type=float, default=0.3)

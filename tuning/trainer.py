@@ -491,8 +491,9 @@ class Trainer:
         total = per_epoch * self.cfg.epochs
         step, losses = self._restore()
         if self.start > 0:  # every input the run will see, through the frozen layers once, length-sorted
-            self._prefix([(i, v) for i in range(len(self.clean)) for v in range(1 + len(self.noisy[i]))],
-                         progress=True)
+            # epoch e trains on noisy copy e mod copies: a run of fewer epochs than copies never sees the rest
+            self._prefix([(i, v) for i in range(len(self.clean))
+                          for v in range(1 + min(len(self.noisy[i]), self.cfg.epochs))], progress=True)
         resumed = step
         t0 = time.time()
         prog = Progress(total, "tune", self.progress, start=step)

@@ -197,6 +197,18 @@ def test_robust_loss_is_clean_plus_noisy_cross_entropy_plus_consistency(tiny_dir
     assert got == pytest.approx(float(want), abs=1e-5) and float(kl) > 0
 
 
+def test_the_frozen_pass_covers_the_noisy_copies_the_epochs_use(tiny_dir: Path) -> None:
+    rc = RobustConfig(families=("typos", "keyboard", "ocr"), copies=3)
+    t = _trainer(tiny_dir, _cfg(tiny_dir, epochs=2, robust=rc))
+    assert all(len(t.noisy[i]) == 3 for i in range(len(t.clean)))
+    t.train(stop_after=1)
+    # epoch e trains on copy e mod 3: with 2 epochs copy 3 is never used, so it never goes through the layers
+    assert {v for _, v in t._cache} == {0, 1, 2}
+    t3 = _trainer(tiny_dir, _cfg(tiny_dir, epochs=4, robust=rc))
+    t3.train(stop_after=1)
+    assert {v for _, v in t3._cache} == {0, 1, 2, 3}
+
+
 def test_full_fine_tuning_with_the_shared_head_gives_the_same_gradients(tiny_dir: Path) -> None:
     shared = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
     plain = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
