@@ -23,7 +23,7 @@ from tsugiki.tuning.data import TuningData
 
 log = logging.getLogger("tsugiki.tuning")
 
-DEFAULT_SPACE: dict[str, list[Any]] = {"rank": [4, 16], "learning_rate": [3e-4, 2e-3], "num_layers": [2, 6]}
+DEFAULT_SPACE: dict[str, list[Any]] = {"rank": [4, 16], "learning_rate": [3e-4, 2e-3], "num_layers": [4, 8]}
 
 
 @dataclass

@@ -490,10 +490,12 @@ class Trainer:
         per_epoch = len(self.order(0))
         total = per_epoch * self.cfg.epochs
         step, losses = self._restore()
-        if self.start > 0:  # every input the run will see, through the frozen layers once, length-sorted
-            # epoch e trains on noisy copy e mod copies: a run of fewer epochs than copies never sees the rest
+        if self.start > 0:  # every input the rest of the run will see, through the frozen layers once, length-sorted
+            # epoch e trains on noisy copy 1 + e mod (the example's copies); copies no remaining epoch uses are skipped
+            left = range(step // per_epoch, self.cfg.epochs)
             self._prefix([(i, v) for i in range(len(self.clean))
-                          for v in range(1 + min(len(self.noisy[i]), self.cfg.epochs))], progress=True)
+                          for v in sorted({0} | {1 + e % len(self.noisy[i]) for e in left if self.noisy[i]})],
+                         progress=True)
         resumed = step
         t0 = time.time()
         prog = Progress(total, "tune", self.progress, start=step)

@@ -209,6 +209,17 @@ def test_the_frozen_pass_covers_the_noisy_copies_the_epochs_use(tiny_dir: Path) 
     assert {v for _, v in t3._cache} == {0, 1, 2, 3}
 
 
+def test_a_resumed_run_skips_the_copies_of_finished_epochs(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_dir, epochs=2, robust=RobustConfig(families=("typos", "keyboard", "ocr"), copies=3))
+    first = _trainer(tiny_dir, cfg, ckpt=tmp_path / "ckpt")
+    per_epoch = len(first.order(0))
+    first.train(stop_after=per_epoch + cfg.checkpoint_every - per_epoch % cfg.checkpoint_every)
+    resumed = _trainer(tiny_dir, cfg, ckpt=tmp_path / "ckpt")
+    res = resumed.train(stop_after=1)
+    assert res.resumed_from > per_epoch  # in epoch 1, which trains on copy 2 only
+    assert {v for _, v in resumed._cache} == {0, 2}
+
+
 def test_full_fine_tuning_with_the_shared_head_gives_the_same_gradients(tiny_dir: Path) -> None:
     shared = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
     plain = _trainer(tiny_dir, _cfg(tiny_dir, method="full"))
