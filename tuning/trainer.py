@@ -391,11 +391,15 @@ class Trainer:
         sel = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
         return self.parts.head(sel).float(), torch.tensor(targets, device=self.device)
 
+    def noisy_variant(self, i: int, epoch: int) -> int:
+        """The variant key of the noisy copy example ``i`` trains on in ``epoch`` (it has at least one)."""
+        return 1 + epoch % len(self.noisy[i])
+
     def loss(self, batch: list[int], epoch: int) -> torch.Tensor:
         rc = self.cfg.robust
         noisy = [i for i in batch if self.noisy[i]] if rc is not None else []
         # clean inputs and this epoch's noisy copies in one pass through the trained layers
-        keys = [(i, 0) for i in batch] + [(i, 1 + (epoch % len(self.noisy[i]))) for i in noisy]
+        keys = [(i, 0) for i in batch] + [(i, self.noisy_variant(i, epoch)) for i in noisy]
         all_logits, all_target = self._logits(keys)
         n_clean = sum(len(self.clean[i].ids) - self.clean[i].n_prompt for i in batch)
         logits, target = all_logits[:n_clean], all_target[:n_clean]
@@ -491,10 +495,10 @@ class Trainer:
         total = per_epoch * self.cfg.epochs
         step, losses = self._restore()
         if self.start > 0:  # every input the rest of the run will see, through the frozen layers once, length-sorted
-            # epoch e trains on noisy copy 1 + e mod (the example's copies); copies no remaining epoch uses are skipped
+            # (noisy copies that only finished epochs, or no epoch at all, train on are skipped)
             left = range(step // per_epoch, self.cfg.epochs)
             self._prefix([(i, v) for i in range(len(self.clean))
-                          for v in sorted({0} | {1 + e % len(self.noisy[i]) for e in left if self.noisy[i]})],
+                          for v in sorted({0} | {self.noisy_variant(i, e) for e in left if self.noisy[i]})],
                          progress=True)
         resumed = step
         t0 = time.time()
