@@ -129,7 +129,9 @@ class EngineCore:
         self._rows: list[_Seq] = []
         self._kv: Any = None  # DynamicCache for self._rows
         self._attn = torch.zeros(0, 0, dtype=torch.long, device=self.device)
-        self._aborted: set[str] = set()
+        # requests to abort, by identity: ``request_id`` is the caller's (an ``x-request-id`` header can repeat), so
+        # a client that disconnects must not take another request with the same id down with it
+        self._aborted: list[GenerationRequest] = []
         self._ppl_rng = random.Random(0)
         # Prompt features for the monitor come free from prefill: the decoder's last hidden states, captured by a
         # hook (no second forward pass) and mean-pooled over each prompt's real tokens.
@@ -155,8 +157,9 @@ class EngineCore:
         self._waiting.append((req, sink))
         self._gauge()
 
-    def abort(self, request_id: str) -> None:
-        self._aborted.add(request_id)
+    def abort(self, req: GenerationRequest) -> None:
+        """Stop ``req`` (this very request, whatever else shares its ``request_id``) at the next step."""
+        self._aborted.append(req)
 
     def fail_all(self, err: TsugikiError) -> None:
         """Fail every running and waiting request with ``err`` and drop the batch (after a failed step)."""
@@ -241,10 +244,13 @@ class EngineCore:
     def _drop_aborted(self) -> None:
         if not self._aborted:
             return
+        def aborted(r: GenerationRequest) -> bool:
+            return any(r is a for a in self._aborted)
+
         for s in self._rows:
-            if s.req.request_id in self._aborted:
+            if aborted(s.req):
                 s.finished = "abort"
-        kept = deque((r, k) for r, k in self._waiting if r.request_id not in self._aborted)
+        kept = deque((r, k) for r, k in self._waiting if not aborted(r))
         self._waiting = kept
         self._aborted.clear()
         self._retire()
@@ -489,7 +495,7 @@ class AsyncEngine:
                     return
         finally:
             if not finished:  # the caller went away (client disconnect): free the slot
-                self._inbox.put(lambda: self.core.abort(req.request_id))
+                self._inbox.put(lambda: self.core.abort(req))
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -148,13 +148,33 @@ def test_abort_frees_the_slot(tiny_dir: Path, store: AdapterStore) -> None:
     core = _core(tiny_dir, store)
     ids = tuple(core.tokenizer("hello")["input_ids"])
     col = Collector()
-    core.add_request(GenerationRequest("x", ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True),
-                                       "all"), col.sink("x"))
+    req = GenerationRequest("x", ids, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True), "all")
+    core.add_request(req, col.sink("x"))
     core.step()
-    core.abort("x")
+    core.abort(req)
     core.step()
     assert col.events["x"][-1].finish_reason == "abort" and not core.has_work()
     assert not any(core.cache.pinned(r) for r in core.cache.refs())
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_abort_spares_other_requests_with_the_same_id(tiny_dir: Path, running: bool) -> None:
+    """Request ids come from callers (``x-request-id``) and can repeat: aborting one request (its client went
+    away) must leave another with the same id, running or still queued, to finish."""
+    core = _core(tiny_dir, None, max_batch_size=1 if not running else 8)
+    ids = tuple(core.tokenizer("hello")["input_ids"])
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    first, second = GenerationRequest("same", ids, params), GenerationRequest("same", ids, params)
+    col = Collector()
+    core.add_request(first, col.sink("first"))
+    core.add_request(second, col.sink("second"))
+    core.step()
+    core.abort(second if running else first)
+    while core.has_work():
+        core.step()
+    kept, gone = ("first", "second") if running else ("second", "first")
+    assert col.events[gone][-1].finish_reason == "abort"
+    assert col.events[kept][-1].finish_reason == "length" and len(col.tokens(kept)) == 6
 
 
 def test_lru_residency_under_pressure(tiny_dir: Path, store: AdapterStore) -> None:
