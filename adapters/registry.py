@@ -32,7 +32,8 @@ Tables::
                at most one running/paused rollout per alias (a partial unique index)
     outcomes   one row per alias-routed (or shadowed) request: version, ok, latency, confidence, noisy, agree,
                output (truncated); the rollout controller's evidence, newest 200,000 kept; UNIQUE(request_id,
-               version_key, shadow), so a re-sent batch is counted once (captures likewise per alias and request)
+               version_key, shadow, ts), so a re-sent batch (same rows, same replica timestamps) is counted once
+               while requests that share a caller-chosen id are all kept (captures likewise per alias, request, ts)
     refreshes  id, alias, state, reason, source, candidate, detail; at most one requested/running per alias
     kv         small durable values (the controller's cursor into the monitor's alarms)
 """
@@ -382,6 +383,13 @@ MIGRATIONS: Sequence[tuple[str, ...]] = (
         "CREATE UNIQUE INDEX outcomes_once ON outcomes (request_id, version_key, shadow)",
         "DELETE FROM captures WHERE id NOT IN (SELECT MIN(id) FROM captures GROUP BY alias, request_id)",
         "CREATE UNIQUE INDEX captures_once ON captures (alias, request_id)",
+    ),
+    (  # 6: request ids are the caller's x-request-id and can repeat: a re-sent row is the same id *and* the time
+        # the replica stamped it, so two requests that share an id are both kept
+        "DROP INDEX outcomes_once",
+        "CREATE UNIQUE INDEX outcomes_once ON outcomes (request_id, version_key, shadow, ts)",
+        "DROP INDEX captures_once",
+        "CREATE UNIQUE INDEX captures_once ON captures (alias, request_id, ts)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -911,7 +919,8 @@ class Registry:
 
         In the same transaction the oldest captures of ``alias`` beyond its ``capture_retention`` are deleted, so
         the table never outgrows the retention. With a retention of 0 nothing is kept and None is returned.
-        Sampling (``capture_rate``) is the caller's decision; the alias must exist.
+        Sampling (``capture_rate``) is the caller's decision; the alias must exist. Writing the same
+        ``request_id`` with the same ``ts`` again (a re-sent batch) returns the first capture's id.
         """
         parse_key(version_key)
         with self._write() as tx:
@@ -922,13 +931,12 @@ class Registry:
             retention = int(row["capture_retention"])
             if retention == 0:
                 return None
+            at = time.time() if ts is None else float(ts)
             cur = tx.execute("INSERT OR IGNORE INTO captures (ts, request_id, alias, version_key, prompt, output) "
-                             "VALUES (?, ?, ?, ?, ?, ?)",
-                             (time.time() if ts is None else float(ts), request_id, alias, version_key, prompt,
-                              output))
+                             "VALUES (?, ?, ?, ?, ?, ?)", (at, request_id, alias, version_key, prompt, output))
             if cur.rowcount == 0:  # already captured (a re-sent batch): keep the first
-                row = tx.execute("SELECT id FROM captures WHERE alias = ? AND request_id = ?",
-                                 (alias, request_id)).fetchone()
+                row = tx.execute("SELECT id FROM captures WHERE alias = ? AND request_id = ? AND ts = ?",
+                                 (alias, request_id, at)).fetchone()
                 return int(row["id"]) if row is not None else None
             self._delete_old_captures(tx, alias, retention)
             return int(cur.lastrowid or 0)
@@ -1050,7 +1058,8 @@ class Registry:
     def record_outcomes(self, rows: Sequence[Mapping[str, Any]], *, keep: int = 200_000) -> int:
         """Append outcome rows of alias-routed requests (one transaction); keeps the newest ``keep`` rows.
 
-        Each row: ``request_id``, ``alias``, ``version_key``, ``ok``; optional ``ts``, ``shadow``, ``latency_s``,
+        Each row: ``request_id``, ``alias``, ``version_key``, ``ok``; optional ``ts`` (a row written again with
+        the same id, version, shadow flag and ``ts`` is a re-send and kept once), ``shadow``, ``latency_s``,
         ``confidence`` (mean token log-prob), ``noisy``, ``agree`` (shadow answer equal to the served one),
         ``output`` (kept to its first 512 characters).
         """

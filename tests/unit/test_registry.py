@@ -654,8 +654,14 @@ def test_outcomes_carry_feedback_correctness_and_backfill_feedback(reg: Registry
     reg.record_outcomes(again)
     assert [r["request_id"] for r in reg.outcomes("intent@v1")] == ["r1", "r2", "r3"]
     reg.set_capture("support", 1.0, 10)
-    first = reg.capture("r3", "support", "intent@v1", "p", "o")
-    assert reg.capture("r3", "support", "intent@v1", "p", "o") == first and len(reg.captures("support")) == 1
+    first = reg.capture("r3", "support", "intent@v1", "p", "o", ts=12.0)
+    assert reg.capture("r3", "support", "intent@v1", "p", "o", ts=12.0) == first and len(reg.captures("support")) == 1
+    # ... but request ids are the caller's (x-request-id) and can repeat: another request with the same id, served
+    # later, is another outcome and another capture
+    reg.record_outcomes([{**again[0], "ts": 12.5}])
+    assert [r["request_id"] for r in reg.outcomes("intent@v1")] == ["r1", "r2", "r3", "r3"]
+    assert reg.capture("r3", "support", "intent@v1", "p2", "o2", ts=12.5) != first
+    assert [c.prompt for c in reg.captures("support")] == ["p", "p2"]
     reg.record_outcomes([{"request_id": f"k{i}", "alias": "support", "version_key": "intent@v1", "ok": True}
                          for i in range(10)], keep=5)
     assert len(reg.outcomes("intent@v1", since=0)) == 5
