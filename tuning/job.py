@@ -18,7 +18,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -157,13 +157,19 @@ def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:
     return data.val[: cfg.max_eval_examples]
 
 
-def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], layers: list[int]
-                  ) -> tuple[float, dict[float, dict[str, float]]]:
+def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], layers: list[int], *,
+                  retain_texts: Sequence[str] = ()) -> tuple[float, dict[float, dict[str, float]]]:
     """The strength with the lowest mean of clean and noisy validation loss (ties: the larger).
 
     Teacher-forced loss over the completion tokens, with the frozen prefix computed once for all strengths:
     a few forward passes of the tuned layers instead of generating every validation answer per strength
     (the gate then measures accuracy at the chosen one).
+
+    With ``retain_texts``, each strength's retained agreement with the base model on them is measured too (the
+    gate's retained-behaviour check), and strengths below ``cfg.gate.min_retained_agreement`` are passed over
+    while any strength meets it: interpolating towards the base model is WiSE-FT's way of keeping its behaviour,
+    so a candidate that fits its task a little less but keeps the base model's behaviour beats one the gate
+    would reject.
     """
     rc = cfg.robust
     strengths = rc.strengths if rc is not None and rc.strengths else (1.0,)
@@ -171,12 +177,20 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
         set_strength(model, strengths[0])
         return strengths[0], {}
     scorer = Trainer(cfg, model, tokenizer, val, layers=layers, progress=False)
+    base = None
+    if retain_texts and cfg.gate.min_retained_agreement > 0:
+        with model.disable_adapter():
+            base = next_token_argmax(model, tokenizer, retain_texts, cfg.eval_batch_size)
     table: dict[float, dict[str, float]] = {}
     for s in sorted(set(strengths)):
         set_strength(model, s)
         clean, noisy = scorer.mean_loss(0), scorer.mean_loss(1)
         table[s] = {"clean_loss": clean, "noisy_loss": noisy, "score": (clean + noisy) / 2}
-    best = min(table, key=lambda s: (round(table[s]["score"], 6), -s))
+        if base is not None:
+            table[s]["retained"] = agreement(base, next_token_argmax(model, tokenizer, retain_texts,
+                                                                     cfg.eval_batch_size))
+    keeps = [s for s in table if table[s].get("retained", 1.0) >= cfg.gate.min_retained_agreement]
+    best = min(keeps or list(table), key=lambda s: (round(table[s]["score"], 6), -s))
     set_strength(model, best)
     return best, table
 
@@ -269,13 +283,13 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
     log.info("tuning %s run %s: %s; torch threads %d", name, rid, data.summary(), threads)
     model, result = fit(cfg, loaded, data, checkpoint_dir=run_dir / "checkpoint", progress=progress)
     val = _val(cfg, data)
-    strength, strengths = pick_strength(cfg, model, tok, val, result.layers)
+    retain = default_retain_texts() if retain_texts is None else retain_texts
+    strength, strengths = pick_strength(cfg, model, tok, val, result.layers, retain_texts=retain)
     store = AdapterStore(store_dir or default_home() / "adapters")
     inc_ref = store.resolve(name) if incumbent_dir is None else None
     incumbent = Path(incumbent_dir) if incumbent_dir is not None else (
         store.path_of(inc_ref) if inc_ref is not None else None)
-    report = run_gate(cfg, model, tok, val, strength=strength, incumbent_dir=incumbent,
-                      retain_texts=default_retain_texts() if retain_texts is None else retain_texts)
+    report = run_gate(cfg, model, tok, val, strength=strength, incumbent_dir=incumbent, retain_texts=retain)
     reference, ref_record = None, None
     if report.passed and cfg.drift_reference:
         set_strength(model, strength)  # the features of the adapter as written

@@ -26,7 +26,7 @@ from tsugiki.tuning.data import (
     split,
 )
 from tsugiki.tuning.gate import decide, negative_flip_rate
-from tsugiki.tuning.job import build_model, choose_layers, run_local, set_strength
+from tsugiki.tuning.job import build_model, choose_layers, pick_strength, run_local, set_strength
 from tsugiki.tuning.trainer import Encoded, Trainer, frozen_bfloat16, noisy_copies, shared_head
 
 WORDS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
@@ -295,6 +295,30 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dir: Path, tmp_path: Path) 
         assert torch.allclose(p, second.params[n], atol=1e-6), n
     other = _trainer(tiny_dir, cfg.model_copy(update={"learning_rate": 1e-4}), tmp_path / "b")
     assert other.train(stop_after=1).resumed_from == 0  # another configuration never resumes this one
+
+
+def test_strength_choice_passes_over_strengths_the_retention_check_would_reject(tiny_dir: Path) -> None:
+    """WiSE-FT's interpolation is the knob for retained behaviour: a strength below the gate's retained-agreement
+    threshold is not chosen while another meets it, even where the validation loss prefers it."""
+    t = _trainer(tiny_dir, _cfg(tiny_dir, epochs=6, learning_rate=2e-2,
+                                robust=RobustConfig(copies=0, strengths=(0.05, 1.0))))
+    t.train()
+    tok = t.tok
+    val = [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(16)]
+    retain = ["the weather today is sunny and warm", "please tell me a story about a dragon", "how do magnets work"]
+
+    def pick(threshold: float, texts: list[str] = retain) -> tuple[float, dict]:
+        cfg = _cfg(tiny_dir, robust=RobustConfig(copies=0, strengths=(0.05, 1.0)),
+                   gate=GateConfig(families=("typos",), min_retained_agreement=threshold))
+        return pick_strength(cfg, t.model, tok, val, t.layers, retain_texts=texts)
+
+    best, table = pick(1e-9)
+    r_weak, r_full = table[0.05]["retained"], table[1.0]["retained"]
+    assert best == 1.0 and table[1.0]["score"] < table[0.05]["score"]  # the loss prefers the tuned adapter
+    assert r_weak > r_full  # ... which moved further from the base model
+    assert pick((r_weak + r_full) / 2)[0] == 0.05
+    assert pick(1.0)[0] == 1.0 and r_weak < 1.0  # none passes: the best by loss (the gate then says why)
+    assert pick((r_weak + r_full) / 2, texts=[])[0] == 1.0 and "retained" not in pick(0.5, texts=[])[1][1.0]
 
 
 def test_strength_zero_is_the_base_model(tiny_dir: Path) -> None:
