@@ -33,7 +33,7 @@ from tsugiki.adapters.cache import AdapterCache
 from tsugiki.adapters.format import AdapterRef, LoraWeights, check_fits, read_lora_artifact
 from tsugiki.adapters.store import AdapterStore
 from tsugiki.config import AdapterConfig, EngineConfig
-from tsugiki.errors import EngineError, ModelNotFoundError, OverloadedError, TsugikiError
+from tsugiki.errors import EngineError, InvalidRequestError, ModelNotFoundError, OverloadedError, TsugikiError
 from tsugiki.serve.lora import MultiLoRALinear, inject_multi_lora
 from tsugiki.serve.metrics import EngineMetrics
 from tsugiki.serve.sampling import SamplingParams, make_generator, sample_rows
@@ -132,6 +132,7 @@ class EngineCore:
         # requests to abort, by identity: ``request_id`` is the caller's (an ``x-request-id`` header can repeat), so
         # a client that disconnects must not take another request with the same id down with it
         self._aborted: list[GenerationRequest] = []
+        self._admitted: list[_Seq] = []
         self._ppl_rng = random.Random(0)
         # Prompt features for the monitor come free from prefill: the decoder's last hidden states, captured by a
         # hook (no second forward pass) and mean-pooled over each prompt's real tokens.
@@ -162,11 +163,14 @@ class EngineCore:
         self._aborted.append(req)
 
     def fail_all(self, err: TsugikiError) -> None:
-        """Fail every running and waiting request with ``err`` and drop the batch (after a failed step)."""
-        for s in self._rows:
+        """Fail every running and waiting request with ``err`` and drop the batch (after a failed step),
+        including those admitted by the failed step but not yet merged into the batch."""
+        admitted = [s for s in self._admitted if not any(s is r for r in self._rows)]
+        for s in self._rows + admitted:
             if s.ref is not None:
                 self.cache.unpin(s.ref)
             s.sink(err)
+        self._admitted = []
         while self._waiting:
             self._waiting.popleft()[1](err)
         self._rows, self._kv, self._attn = [], None, self._attn[:0, :0]
@@ -231,7 +235,9 @@ class EngineCore:
         self._drop_aborted()
         new = self._admit()
         if new:
+            self._admitted = new  # out of the queue, not yet in the batch: fail_all must still reach them
             self._prefill(new)
+            self._admitted = []
         if self._rows:
             self._decode()
         self._gauge()
@@ -272,11 +278,18 @@ class EngineCore:
                 sink(e)
                 continue
             self._waiting.popleft()
+            try:
+                seq = _Seq(req=req, sink=sink, ref=ref, stream=TextStream(self.tokenizer, req.params.stop),
+                           generator=make_generator(req.params, self.device), n_tokens=len(req.prompt_ids),
+                           eos=frozenset() if req.params.ignore_eos else self._eos)
+            except Exception as e:  # settings the API let through but torch refuses: this request fails alone
+                logger.warning("request refused at admission", extra={"request_id": req.request_id,
+                                                                      "error": repr(e)})
+                sink(InvalidRequestError(f"the request's sampling settings cannot be used: {e}"))
+                continue
             if ref is not None:
                 self.cache.pin(ref)
-            new.append(_Seq(req=req, sink=sink, ref=ref, stream=TextStream(self.tokenizer, req.params.stop),
-                            generator=make_generator(req.params, self.device), n_tokens=len(req.prompt_ids),
-                            eos=frozenset() if req.params.ignore_eos else self._eos))
+            new.append(seq)
         return new
 
     def _forward(self, input_ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor, kv: Any,
@@ -482,9 +495,10 @@ class AsyncEngine:
         def sink(ev: TokenEvent | TsugikiError) -> None:
             loop.call_soon_threadsafe(out.put_nowait, ev)
 
-        await self.call(lambda: self.core.add_request(req, sink))
         finished = False
         try:
+            # inside the try: a caller cancelled while the request is being queued still aborts it
+            await self.call(lambda: self.core.add_request(req, sink))
             while True:
                 ev = await out.get()
                 if isinstance(ev, TsugikiError):

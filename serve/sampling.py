@@ -52,7 +52,10 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        # shifted by the maximum first: a tiny temperature then gives -inf for every other token (the greedy
+        # limit) instead of overflowing to inf - inf = NaN
+        row = logits[i]
+        probs = torch.softmax((row - row.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p  # always keeps the most likely token

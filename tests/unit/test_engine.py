@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsugiki.adapters.store import AdapterStore
 from tsugiki.config import AdapterConfig, EngineConfig
-from tsugiki.errors import ModelNotFoundError, OverloadedError, TsugikiError
+from tsugiki.errors import EngineError, ModelNotFoundError, OverloadedError, TsugikiError
 from tsugiki.serve.engine import EngineCore, GenerationRequest, TokenEvent
-from tsugiki.serve.sampling import SamplingParams
+from tsugiki.serve.sampling import SamplingParams, sample_rows
 
 # float32 on CPU: a mixed batch computes the same math in a different order (batched matmuls, padding), so
 # logits agree to ~1e-5; 1e-4 on log-probabilities is far below any real difference between adapters (> 1e-1).
@@ -267,3 +267,47 @@ def test_prompt_perplexity_from_prefill_matches_a_full_forward(tiny_dir: Path, s
     while off.has_work():
         off.step()
     assert col.events["x"][0].prompt_logprob is None
+
+
+def test_a_request_torch_refuses_at_admission_fails_alone(tiny_dir: Path, store: AdapterStore) -> None:
+    """A seed outside what a torch generator takes (the API refuses it; the engine must not rely on that) fails
+    its own request with a 4xx error; the request admitted beside it completes and no adapter stays pinned."""
+    core = _core(tiny_dir, store)
+    ids = tuple(core.tokenizer("hello")["input_ids"])
+    col = Collector()
+    core.add_request(GenerationRequest("bad", ids, SamplingParams(max_tokens=3, seed=2**64), "all"), col.sink("bad"))
+    core.add_request(GenerationRequest("ok", ids, SamplingParams(max_tokens=3, ignore_eos=True), "all"),
+                     col.sink("ok"))
+    while core.has_work():
+        core.step()
+    assert col.errors["bad"].status == 400 and "bad" not in col.events
+    assert col.events["ok"][-1].finish_reason == "length"
+    assert not any(core.cache.pinned(r) for r in core.cache.refs())
+
+
+def test_a_failed_prefill_fails_the_requests_it_admitted(tiny_dir: Path, store: AdapterStore,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests taken off the queue by a step whose prefill raises are neither queued nor batched yet: the
+    engine's failure path must still answer them (else their callers wait forever) and unpin their adapters."""
+    core = _core(tiny_dir, store)
+    ids = tuple(core.tokenizer("hello")["input_ids"])
+    col = Collector()
+    for rid in ("a", "b"):
+        core.add_request(GenerationRequest(rid, ids, SamplingParams(max_tokens=3), "all"), col.sink(rid))
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(core, "_forward", boom)
+    with pytest.raises(RuntimeError):
+        core.step()
+    core.fail_all(EngineError("failed"))  # what AsyncEngine does after a failed step
+    assert set(col.errors) == {"a", "b"} and not core.has_work()
+    assert not any(core.cache.pinned(r) for r in core.cache.refs())
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, -1.0, 2.0]])
+    params = [SamplingParams(max_tokens=1, temperature=1e-40, seed=1)] * 2
+    gens = [torch.Generator().manual_seed(1) for _ in params]
+    assert [s.token_id for s in sample_rows(logits, params, gens)] == [1, 0]
