@@ -23,7 +23,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tsugiki.config import ServerConfig
-from tsugiki.errors import AuthenticationError, InvalidRequestError, NotFoundError, OverloadedError, TsugikiError
+from tsugiki.errors import (
+    AuthenticationError,
+    EngineError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    TsugikiError,
+)
 from tsugiki.serve.metrics import GatewayMetrics, MergedExpositions
 from tsugiki.serve.protocol import (
     CaptureRequest,
@@ -39,6 +46,7 @@ from tsugiki.serve.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+SQLITE_MAX_INT = 2**63 - 1  # the registry's integers are SQLite's 64-bit ones
 M = TypeVar("M", bound=BaseModel)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -142,6 +150,12 @@ async def json_object(request: Request) -> dict[str, Any]:
         raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    try:  # JSON may spell a lone UTF-16 surrogate ("\ud800"), which no tokenizer, database or encoder accepts
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"request body is not valid Unicode text: it contains a lone UTF-16 surrogate "
+                                  f"({e.object[e.start:e.end]!a}); send each character as a whole code point "
+                                  "or a surrogate pair", code="invalid_json") from None
     return data
 
 
@@ -417,6 +431,9 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
         auth.admin(request)
         if not 1 <= limit <= 1000:
             raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}", param="limit")
+        if since_id is not None and not 0 <= since_id <= SQLITE_MAX_INT:
+            raise InvalidRequestError(f"since_id must be an event id (0 to {SQLITE_MAX_INT}), got {since_id}",
+                                      param="since_id")
         return {"object": "list", "data": await client.control("events", alias, since_id, limit)}
 
     @app.post("/v1/rollouts/{alias}")
@@ -585,19 +602,24 @@ async def _sse(events: AsyncIterator[dict[str, Any]], rec: _Recorder, ident: str
 
     completion, outcome = 0, "aborted"
     try:
-        if chat:
-            yield _sse_line(chunk(None, None, role=True))
-        async for ev in events:
-            if ev["type"] == "error":
-                outcome = "server_error"
-                yield _sse_line(TsugikiError.from_dict(ev["error"]).to_openai())
-                break
-            rec.token()
-            completion = ev["completion_tokens"]
-            if ev["text"] or ev["finish_reason"] or "logprob" in ev:
-                yield _sse_line(chunk(ev["text"], ev["finish_reason"], ev.get("logprob")))
-            if ev["finish_reason"] is not None:
-                outcome = "success"
+        try:
+            if chat:
+                yield _sse_line(chunk(None, None, role=True))
+            async for ev in events:
+                if ev["type"] == "error":
+                    outcome = "server_error"
+                    yield _sse_line(TsugikiError.from_dict(ev["error"]).to_openai())
+                    break
+                rec.token()
+                completion = ev["completion_tokens"]
+                if ev["text"] or ev["finish_reason"] or "logprob" in ev:
+                    yield _sse_line(chunk(ev["text"], ev["finish_reason"], ev.get("logprob")))
+                if ev["finish_reason"] is not None:
+                    outcome = "success"
+        except Exception:  # the replica died or Ray failed mid-stream: the client still gets an error and the end
+            logger.exception("stream failed", extra={"request_id": ident})
+            outcome = "server_error"
+            yield _sse_line(EngineError("the server failed while streaming; the response is incomplete").to_openai())
         if include_usage and outcome == "success":
             usage = {"prompt_tokens": rec.prompt_tokens, "completion_tokens": completion,
                      "total_tokens": rec.prompt_tokens + completion}

@@ -28,7 +28,7 @@ class _Sampling(_Req):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what a torch generator accepts
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -55,6 +55,13 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported; the prompt you sent is the text before the completion")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -97,6 +104,12 @@ class ChatRequest(_Sampling):
         if not v:
             raise ValueError("messages must hold at least one message")
         return v
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class LoadAdapterRequest(_Req):
@@ -149,7 +162,7 @@ class RolloutStartRequest(_Req):
 
 class CaptureRequest(_Req):
     rate: float = Field(ge=0, le=1, description="Share of the alias's requests captured.")
-    retention: int = Field(ge=0, description="Captures kept at most (oldest dropped).")
+    retention: int = Field(ge=0, le=2**63 - 1, description="Captures kept at most (oldest dropped).")
 
 
 class RefreshRequest(_Req):

@@ -25,12 +25,12 @@ class TextStream:
         full = self._tok.decode(self.ids, skip_special_tokens=True)
         if full.endswith("\ufffd"):
             return ""  # an incomplete multi-byte character; wait for the next token
-        for s in self._stop:
-            # A stop string can only end in the new part: search from where it could start.
-            at = full.find(s, max(0, len(self.text) - len(s) + 1))
-            if at != -1:
-                self.stopped = True
-                return self._release(full[:at])
+        # A stop string can only end in the new part: search from where it could start. Of several found (one
+        # token can complete more than one), the text ends at the earliest.
+        found = [at for s in self._stop if (at := full.find(s, max(0, len(self.text) - len(s) + 1))) != -1]
+        if found:
+            self.stopped = True
+            return self._release(full[: min(found)])
         hold = 0
         for s in self._stop:
             for k in range(min(len(s) - 1, len(full)), 0, -1):

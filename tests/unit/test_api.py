@@ -128,6 +128,15 @@ BAD = [
     ("temperature out of range", "/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": 9}, 400,
      "temperature"),
     ("body not an object", "/v1/completions", "[1, 2]", 400, "JSON object"),
+    ("lone surrogate", "/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', 400, "lone UTF-16 surrogate"),
+    ("lone surrogate in a message", "/v1/chat/completions",
+     '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, "'\\udfff'"),
+    ("seed beyond a generator's range", "/v1/completions", {"model": "tiny", "prompt": "hi", "seed": 2**64}, 400,
+     "seed"),
+    ("echo", "/v1/completions", {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo is not supported"),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs"),
     ("unknown route", "/v1/nothing", {}, 404, "Not Found"),
 ]
 
@@ -234,3 +243,36 @@ def test_noise_headers_and_monitor_endpoints(tiny_dir: Path, tmp_path: Path) -> 
             assert client.post("/v1/monitor/adapters/tiny/reset").json()["alarm"] is False
     finally:
         server.shutdown()
+
+
+def test_admin_integers_beyond_the_registry_are_refused(env: tuple) -> None:
+    client, _, _ = env
+    r = client.get("/v1/registry/events?since_id=10000000000000000000000", headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "since_id"
+    r = client.put("/v1/aliases/a/capture", headers=ADMIN, json={"rate": 0.5, "retention": 1e30})
+    assert r.status_code == 400 and "retention" in r.json()["error"]["message"]
+
+
+class _DiesMidStream(LocalClient):
+    """The model replica's stream breaks after its first token (a replica dying, a Ray error)."""
+
+    async def generate(self, payload: dict):  # type: ignore[override]
+        n = 0
+        async for ev in self.server.generate(payload):
+            yield ev
+            n += 1
+            if n == 2:
+                raise RuntimeError("replica died")
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event_and_done(env: tuple) -> None:
+    _, server, _ = env
+    settings = load_settings(model={"served_name": "tiny"}, server={"api_keys": ["user-secret"]})
+    registry = CollectorRegistry()
+    with TestClient(build_app(_DiesMidStream(server), settings.server, registry=registry)) as client:
+        r = client.post("/v1/completions", headers=USER, json={"model": "tiny", "prompt": "the quick",
+                                                               "max_tokens": 8, "stream": True})
+        lines = [ln for ln in r.text.split("\n") if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["error"]["type"] == "internal_error"
+        assert _metric(client, "tsugiki_requests_total", adapter="tiny", outcome="server_error") == 1

@@ -21,3 +21,12 @@ def test_flush_releases_partial_stop_prefix() -> None:
     out = "".join(s.push(t) for t in ids)
     assert not out.endswith("ho")
     assert out + s.flush() == "hello world, ho"
+
+
+def test_one_token_completing_two_stop_strings_cuts_at_the_earlier() -> None:
+    tok = make_tokenizer()
+    ids = tok("hello world")["input_ids"]
+    assert len(ids) == 2  # " world" arrives as one token and completes both stop strings at once
+    s = TextStream(tok, stop=("ld", "wo"))
+    out = "".join(s.push(t) for t in ids)
+    assert s.stopped and out == "hello "
