@@ -354,8 +354,11 @@ class DriftDetector:
         return scalars, arrays
 
     @classmethod
-    def from_state(cls, scalars: dict[str, Any], arrays: dict[str, np.ndarray]) -> DriftDetector:
-        det = cls(config=DriftConfig(**scalars["config"]), statistic=float(scalars["statistic"]),
+    def from_state(cls, scalars: dict[str, Any], arrays: dict[str, np.ndarray],
+                   config: DriftConfig | None = None) -> DriftDetector:
+        """The detector :meth:`state_dict` saved, under ``config`` if given (else the settings it was saved with)."""
+        config = config if config is not None else DriftConfig(**scalars["config"])
+        det = cls(config=config, statistic=float(scalars["statistic"]),
                   seen=int(scalars["seen"]), alarms=int(scalars["alarms"]), last_alarm_at=scalars["last_alarm_at"])
         if "points" in arrays:
             det.profile = ReferenceProfile.from_arrays(arrays)

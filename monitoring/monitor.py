@@ -132,8 +132,11 @@ class Monitor:
         return self.status(adapter)
 
     def reset(self, adapter: str) -> dict[str, Any]:
-        """Acknowledge an alarm: clear the flag and restart the CUSUM (the reference stays)."""
-        st = self._state(adapter)
+        """Acknowledge an alarm: clear the flag and restart the CUSUM (the reference stays). A name the monitor has
+        no state for has no alarm: nothing is created for it (no metric series, no state directory)."""
+        st = self._adapters.get(adapter)
+        if st is None:
+            return self.status(adapter)
         st.alarm, st.detector.statistic, st.dirty = False, 0.0, True
         self._export(adapter, st)
         self._save_adapter(adapter, st)
@@ -242,13 +245,14 @@ class Monitor:
                 scalars = json.loads((d / "state.json").read_text())
                 with np.load(d / "arrays.npz", allow_pickle=False) as z:
                     arrays = {k: z[k] for k in z.files}
-            except (OSError, ValueError, KeyError) as e:
+                # the settings in force now, not those saved: an operator's change (or a new setting's default
+                # after an upgrade, or saved settings this version no longer accepts) applies to adapters that
+                # already have state; the saved profile keeps its own shapes
+                det = DriftDetector.from_state(scalars, arrays,
+                                               config=self.config.adapters.get(d.name, self.config.drift))
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 logger.warning(f"ignoring unreadable monitor state in {d}: {e}")
                 continue
-            det = DriftDetector.from_state(scalars, arrays)
-            # the settings in force now, not those saved: an operator's change (or a new setting's default after
-            # an upgrade) applies to adapters that already have state; the saved profile keeps its own shapes
-            det.config = self.config.adapters.get(d.name, self.config.drift)
             st = _AdapterState(det, alarm=bool(scalars.get("alarm")),
                                reference_source=str(scalars.get("reference_source", "first requests")),
                                reference_key=scalars.get("reference_key"))

@@ -52,6 +52,9 @@ def _frequencies() -> dict[str, int]:
     return dict(SpellChecker(language="en", distance=1).word_frequency.dictionary)
 
 
+_MAX_TYPO_WORD = 32  # longer "words" skip the edit search (its cost grows with the square of the length)
+
+
 def _edits1(w: str) -> Iterable[str]:
     for i in range(len(w) + 1):
         a, b = w[:i], w[i:]
@@ -73,6 +76,8 @@ def _typo_likeness(word: str) -> float:
         return 0.0
     if not word.isascii():
         return 0.0  # not an English word at all; the script signals cover it
+    if len(word) > _MAX_TYPO_WORD:  # no dictionary word is this long: its edits (54 per letter) would stall the
+        return 0.0 if f else 0.6    # request for nothing; unknown scores as an unknown word does below
     best = max((freq.get(c, 0) for c in _edits1(word)), default=0)
     s = (math.log10(best + 1) - math.log10(f + 1)) / 3.0  # orders of magnitude more common neighbour
     if f == 0:

@@ -61,6 +61,21 @@ def test_clean_text_is_not_flagged_and_over_length_uses_tokens() -> None:
         NoiseDetector({"bogus": 1.0})
 
 
+def test_a_very_long_word_skips_the_typo_edit_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The edit search costs ~54 candidates per letter, each as long as the word: a 7,600-letter word (under the
+    token limit) would hold the request for seconds. No dictionary word is that long: it scores as unknown."""
+    from tsugiki.monitoring import noise
+
+    searched: list[int] = []
+    real = noise._edits1
+    monkeypatch.setattr(noise, "_edits1", lambda w: searched.append(len(w)) or real(w))
+    noise._typo_likeness.cache_clear()
+    report = NoiseDetector().score("please book " + "a" * 7600 + " now", prompt_tokens=1900)
+    assert report.flagged and max(searched, default=0) <= noise._MAX_TYPO_WORD
+    assert noise._typo_likeness("q" * 40) == 0.6 and noise._typo_likeness("the" * 11) == 0.6
+    noise._typo_likeness.cache_clear()
+
+
 def test_calibration_caps_false_positives() -> None:
     rng = random.Random(0)
     words = " ".join(CLEAN).split()
@@ -232,12 +247,29 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     assert again.status("intent")["statistic"] == pytest.approx(mon.status("intent")["statistic"])
     again.reset("intent")
     assert again.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 0.0
+    # acknowledging a name the monitor never saw creates nothing: no metric series, no state directory
+    assert again.reset("..")["state"] == again.reset("made-up")["state"] == "no traffic yet"
+    assert again.adapters() == ["base", "intent"] and not (tmp_path / "made-up").exists()
+    assert again.registry.get_sample_value("tsugiki_drift_threshold", {"adapter": "made-up"}) is None
     # settings changed since the state was saved apply on restart (the saved profile is kept)
     quieter = Monitor(cfg.model_copy(update={"drift": cfg.drift.model_copy(update={"ert": 5000,
                                                                                     "mean_shift_rate": 0.0})}))
     st = quieter.status("intent")
     assert st["config"]["ert"] == 5000 and st["config"]["mean_shift_rate"] == 0.0 and st["state"] == "monitoring"
     assert st["threshold"] == pytest.approx(cusum_threshold(0.15, 5000, 100))  # novelty alone: n, variance 1
+    # saved settings this version refuses (an older release allowed mean_shift_rate up to 1) or no longer has do not
+    # stop the monitor starting: the state loads under today's settings; a state missing its arrays is skipped
+    import json
+
+    saved = json.loads((tmp_path / "intent" / "state.json").read_text())
+    saved["config"].update(mean_shift_rate=0.6, retired_setting=1)
+    (tmp_path / "intent" / "state.json").write_text(json.dumps(saved))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "state.json").write_text(json.dumps({"config": {}}))
+    np.savez(tmp_path / "broken" / "arrays.npz", points=np.zeros((3, 2)))
+    upgraded = Monitor(cfg)
+    assert upgraded.status("intent")["config"]["mean_shift_rate"] == cfg.drift.mean_shift_rate
+    assert upgraded.status("intent")["alarm"] is False and "broken" not in upgraded.adapters()
 
 
 def test_shipper_batches_and_never_raises_when_the_monitor_is_down() -> None:
