@@ -108,9 +108,9 @@ class Refresher:
                 return {"alias": alias, "accepted": False,
                         "why": f"refresh {done[-1].id} finished {self.clock() - done[-1].updated:.0f} s ago; "
                                f"next one allowed in {wait:.0f} s (refresh.cooldown_s)"}
+        ref, new = self.registry.request_refresh(alias, reason=reason, source=source)  # refuses unknown aliases
         for outcome in ("done", "rejected", "skipped", "failed"):  # at 0, so the first failure is an increase
             self.metrics.refreshes.labels(alias, outcome)
-        ref, new = self.registry.request_refresh(alias, reason=reason, source=source)
         if new:
             self.metrics.refreshes.labels(alias, "requested").inc()
         return {"alias": alias, "accepted": new, "refresh": ref.id, "state": ref.state}
@@ -123,6 +123,13 @@ class Refresher:
     def assemble(self, ref: Refresh) -> dict[str, Any]:
         """Write the refresh's training file; returns ``{"data_path", "stable", "counts"}`` or raises
         :class:`NotEnoughData`."""
+        out = self.work_dir() / ref.alias / str(ref.id)
+        path = out / "train.jsonl"
+        if path.is_file() and ref.detail.get("data_path") == str(path) and ref.detail.get("stable"):
+            # a resumed refresh trains on exactly the data it started with, even where captures have aged out of
+            # the alias's retention since (re-counting them could skip a run that was half trained)
+            read_examples(path)
+            return {"data_path": str(path), "stable": ref.detail["stable"], "counts": ref.detail.get("counts", {})}
         alias = self.registry.get_alias(ref.alias)
         stable_keys = [k for k, w in alias.routes.items() if w >= 1.0 - 1e-9]
         if len(stable_keys) != 1:
@@ -131,7 +138,9 @@ class Refresher:
         orig_path = stable.tuning_config.get("data_path")
         original: list[dict[str, str]] = []
         if orig_path and Path(orig_path).is_file():
-            original = [json.loads(line) for line in Path(orig_path).read_text(encoding="utf-8").splitlines()
+            # split on "\n" only, as the data reader does: str.splitlines() also splits inside JSON strings at
+            # U+2028, U+2029 and U+0085, which a captured prompt may contain raw
+            original = [json.loads(line) for line in Path(orig_path).read_text(encoding="utf-8").split("\n")
                         if line.strip()]
         caps = [c for c in self.registry.captures(ref.alias, labelled_only=True) if c.ts >= stable.created]
         caps = caps[-self.config.max_captures:]
@@ -141,10 +150,8 @@ class Refresher:
             raise NotEnoughData(f"{len(new)} labelled captures of {ref.alias!r} since {stable.key} was made, "
                                 f"{self.config.min_labelled} needed (refresh.min_labelled); turn capture on for the "
                                 "alias and send feedback with labels", counts=counts)
-        out = self.work_dir() / ref.alias / str(ref.id)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "train.jsonl"
-        if not path.is_file():  # a resumed refresh trains on exactly the data it started with
+        if not path.is_file():  # written by a run that stopped before it was recorded as running: the same data
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in original + new),
                            encoding="utf-8")

@@ -70,7 +70,10 @@ def env(tiny_dir: Path, lora_all: Path, tmp_path: Path) -> Iterator[Env]:
     root = tmp_path / "adapters"
     root.mkdir()
     shutil.copytree(lora_all, root / "v1")
-    (root / "data.jsonl").write_text(json.dumps({"text": "hello there", "label": "greeting"}) + "\n")
+    # the second record holds a raw U+2028 (valid inside a JSON string; str.splitlines() would split there)
+    (root / "data.jsonl").write_text(json.dumps({"text": "hello there", "label": "greeting"}) + "\n"
+                                     + json.dumps({"text": "hi\u2028again", "label": "greeting"}, ensure_ascii=False)
+                                     + "\n", encoding="utf-8")
     settings = load_settings(
         model={"base_model": str(tiny_dir), "served_name": "tiny"},
         adapters={"store_dir": str(tmp_path / "store"), "roots": [str(root)]},
@@ -189,7 +192,7 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
     ref = env.plane.registry.refreshes("support")[-1]
     assert ref.state == "skipped" and "0 labelled captures" in ref.detail["why"]
-    assert ref.detail["counts"] == {"original": 1, "labelled_captures": 0, "min_labelled": 5}  # as a run's are
+    assert ref.detail["counts"] == {"original": 2, "labelled_captures": 0, "min_labelled": 5}  # as a run's are
 
     bad = env.client.post("/v1/alerts/alertmanager", content=b"not json")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
@@ -206,12 +209,21 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     r = env.client.post("/v1/refresh/support", json={"reason": "test"})
     assert r.status_code == 202, r.text
     assert env.client.post("/v1/refresh/support", json={}).json()["accepted"] is False  # one at a time
+    # an alias that does not exist is a 404 and leaves no metric series behind (labels stay bounded)
+    assert env.client.post("/v1/refresh/no-such-alias", json={}).status_code == 404
+    assert 'alias="no-such-alias"' not in env.client.get("/metrics").text
     env.step()
     env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
     ref = env.plane.registry.refreshes("support")[-1]
     assert ref.state == "done" and ref.candidate == "support@v2", ref
     data = env.tune_calls[-1]["data"]  # type: ignore[attr-defined]
     assert '"label": "greeting"' in data and data.count('"label": "track_parcel"') == 8
+    assert "hi\u2028again" in data
+    # resumed after a controller restart, a refresh trains on the data it started with, even if its captures
+    # have since aged out (it is not re-counted against min_labelled and skipped)
+    refresher = env.plane.refresher
+    refresher.config = refresher.config.model_copy(update={"min_labelled": 10**6})
+    assert refresher.assemble(ref)["data_path"] == ref.detail["data_path"]
     assert env.tune_calls[-1]["to_store"] is False  # type: ignore[attr-defined]
 
     # the controller "restarts": a new control plane over the same registry file continues
