@@ -125,6 +125,29 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
         raise AdapterError(f"{where}: LoRA adapters with trained biases are not supported; retrain with bias='none'",
                            param="path", code="unsupported_adapter")
 
+    def bad(msg: str) -> AdapterError:
+        return AdapterError(f"{where}: {msg}", param="path", code="corrupt_adapter")
+
+    def number(value: Any, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise bad(f"{what} must be a positive number, got {value!r}")
+
+    for key in ("r", "lora_alpha"):
+        if cfg.get(key) is not None:
+            number(cfg[key], key)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(f"{key} must be an object of module pattern -> number, got {type(pattern).__name__}")
+        for k, v in pattern.items():
+            number(v, f"{key}[{k!r}]")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise bad(f"{key} key {k!r} is not a regular expression: {e}") from None
+
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
     for key, value in (pattern or {}).items():
@@ -166,7 +189,7 @@ def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -
     if not pairs:
         raise AdapterError(f"{weights_file} holds no LoRA weights", param="path", code="corrupt_adapter")
 
-    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    alpha = float(cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else cfg.get("r") or 8)
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     scaling: dict[str, float] = {}
     for name, ab in pairs.items():
@@ -186,7 +209,7 @@ def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -
             raise AdapterError(f"{weights_file}: module {name!r} holds NaN or infinite values", param="path",
                                code="corrupt_adapter")
         r = a.shape[0]
-        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, float(cfg.get("r", r)))
+        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, float(cfg.get("r") or r))
         a_m = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha)
         if int(r_cfg) != r:
             raise AdapterError(f"{weights_file}: module {name!r} has rank {r} but the config says {int(r_cfg)}",

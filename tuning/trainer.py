@@ -562,8 +562,16 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 
 
 def correct(outputs: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
-    """Exact match of the first output line with the completion (whitespace-trimmed)."""
-    return np.array([o.strip().split("\n")[0].strip() == e.completion.strip() for o, e in zip(outputs, examples)])
+    """Exact match of the output's first lines, as many as the completion has, with the completion (each
+    whitespace-trimmed): what follows a complete answer (another line the model went on with) does not count."""
+    def first_lines(text: str, n: int) -> list[str]:
+        return [line.strip() for line in text.strip().split("\n")[:n]]
+
+    out = []
+    for o, e in zip(outputs, examples):
+        want = first_lines(e.completion, len(e.completion.strip().split("\n")))
+        out.append(first_lines(o, len(want)) == want)
+    return np.array(out)
 
 
 def max_new_tokens(tokenizer: Any, examples: Sequence[Example]) -> int:

@@ -64,6 +64,11 @@ def test_digest_changes_with_content(lora_all: Path, lora_other: Path) -> None:
     ("dora", "DoRA adapters are not supported"),
     ("half_pair", "but not its partner"),
     ("embedding", "not a LoRA A/B weight of a linear layer"),
+    ("alpha_text", "lora_alpha must be a positive number, got 'x'"),
+    ("alpha_null_rank_bool", "r must be a positive number, got True"),
+    ("pattern_list", "alpha_pattern must be an object"),
+    ("pattern_regex", "rank_pattern key '\\(' is not a regular expression"),
+    ("pattern_value", "rank_pattern\\['q_proj'\\] must be a positive number"),
 ])
 def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: Path) -> None:
     d = tmp_path / "a"
@@ -101,8 +106,23 @@ def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: 
         elif case == "embedding":
             tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 10)
             save_file(tensors, weights)
+        else:  # malformed numbers and patterns in the config: a 4xx naming the field, not a 500
+            cfg.update({"alpha_text": {"lora_alpha": "x"}, "alpha_null_rank_bool": {"lora_alpha": None, "r": True},
+                        "pattern_list": {"alpha_pattern": [1]}, "pattern_regex": {"rank_pattern": {"(": 4}},
+                        "pattern_value": {"rank_pattern": {"q_proj": "four"}}}[case])
+            cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match=match):
         read_lora_artifact(d)
+
+
+def test_null_alpha_and_rank_take_their_defaults(lora_all: Path, tmp_path: Path) -> None:
+    d = tmp_path / "a"
+    _copy(lora_all, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    r = cfg["r"]
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": None, "r": None}))
+    w = read_lora_artifact(d)
+    assert set(w.scaling.values()) == {8 / r}  # alpha: PEFT's default 8; the rank: the tensors'
 
 
 def test_refuses_adapter_that_does_not_fit(foreign_lora: Path, lora_all: Path) -> None:

@@ -27,7 +27,7 @@ from tsugiki.tuning.data import (
 )
 from tsugiki.tuning.gate import decide, negative_flip_rate
 from tsugiki.tuning.job import build_model, choose_layers, pick_strength, run_local, set_strength
-from tsugiki.tuning.trainer import Encoded, Trainer, frozen_bfloat16, noisy_copies, shared_head
+from tsugiki.tuning.trainer import Encoded, Trainer, correct, frozen_bfloat16, noisy_copies, shared_head
 
 WORDS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
          "hello world how are you", "the quick brown fox", "jumps over the lazy dog", "paris is the capital"]
@@ -335,6 +335,13 @@ def test_strength_zero_is_the_base_model(tiny_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- gate
+def test_an_answer_is_correct_when_its_first_lines_are_the_completion() -> None:
+    ex = [Example("p", " travel"), Example("p", " travel"), Example("p", "line one\nline two"),
+          Example("p", "line one\nline two"), Example("p", " travel")]
+    outs = [" travel\nand more", "travelling", " line one \n line two\nextra", "line one\nline 2", ""]
+    assert correct(outs, ex).tolist() == [True, False, True, False, False]
+
+
 def test_gate_decisions_name_each_failure() -> None:
     cfg = GateConfig(min_clean_accuracy=0.5, max_family_drop=0.2, max_negative_flip_rate=0.1,
                      min_retained_agreement=0.8)
