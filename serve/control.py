@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from tsugiki.adapters.controller import RolloutController, RolloutMetrics
+from tsugiki.adapters.format import read_lora_artifact
 from tsugiki.adapters.registry import Registry, VersionState, parse_key
 from tsugiki.adapters.routing import snapshot
 from tsugiki.adapters.store import inside_roots
@@ -245,8 +246,19 @@ class ControlPlane:
 
     async def register(self, name: str, path: str, *, data_path: str | None = None,
                        tune: dict[str, Any] | None = None, actor: str = "operator") -> dict[str, Any]:
-        """Register the adapter directory ``path`` (inside the allowed adapter roots) as a candidate of ``name``."""
+        """Register the adapter directory ``path`` (inside the allowed adapter roots) as a candidate of ``name``.
+
+        The artifact must read as a servable LoRA adapter (the structural checks a replica makes; whether it fits
+        the base model is checked where the model is), and one whose model card says its gate failed is refused:
+        the tuning job keeps such candidates aside on purpose."""
         real = inside_roots(path, self.roots)
+        await asyncio.to_thread(read_lora_artifact, real)
+        gate = _card(real).get("gate") or {}
+        if isinstance(gate, dict) and gate.get("passed") is False:
+            raise InvalidRequestError(f"adapter at {str(path)!r} failed its regression gate "
+                                      f"({'; '.join(map(str, gate.get('failures') or [])) or 'see its model card'}); "
+                                      "retune it, or loosen the gate and rerun the job, rather than register it",
+                                      param="path", code="gate_failed")
         try:
             TuneConfig(**(tune or {}))  # refreshes start from it: a typo must fail here, not in a refresh
         except ValidationError as e:

@@ -164,10 +164,24 @@ def test_alias_shadow_canary_promote_with_sticky_callers(env: Env, lora_other: P
     assert metric_value(metrics, "tsugiki_rollout_weight", alias="support", version="support@v2") == 1
 
 
-def test_broken_candidate_is_rolled_back_automatically(env: Env, lora_other: Path) -> None:
+def test_registration_refuses_unreadable_or_gate_failed_adapters(env: Env, lora_other: Path) -> None:
+    corrupt(lora_other, env.root / "nan", "nan")
+    r = env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "nan")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "corrupt_adapter", r.text
+    shutil.copytree(lora_other, env.root / "rejected")
+    (env.root / "rejected" / "model_card.json").write_text(json.dumps(
+        {"gate": {"passed": False, "failures": ["clean accuracy 0.2 < 0.5"]}}))
+    r = env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "rejected")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "gate_failed", r.text
+    assert "clean accuracy 0.2 < 0.5" in r.json()["error"]["message"]
+    assert env.plane.registry.versions("support") == []
+
+
+def test_broken_candidate_is_rolled_back_automatically(env: Env, foreign_lora: Path) -> None:
     _first_version(env)
-    corrupt(lora_other, env.root / "bad", "nan")
-    env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "bad")})
+    shutil.copytree(foreign_lora, env.root / "bad")  # reads as LoRA, but does not fit the served base model
+    assert env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "bad")}
+                           ).status_code == 201
     plan = env.plane.rollouts.plan
     env.plane.rollouts.plan = plan.model_copy(update={"shadow_share": 0.0})
     r = env.client.post("/v1/rollouts/support", json={"candidate": "support@v2"})
