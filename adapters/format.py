@@ -144,14 +144,19 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
         for k, v in pattern.items():
             number(v, f"{key}[{k!r}]")
             try:
-                re.compile(k)
+                re.compile(_pattern_regex(k))
             except re.error as e:
                 raise bad(f"{key} key {k!r} is not a regular expression: {e}") from None
 
 
+def _pattern_regex(key: str) -> str:
+    """PEFT's reading of a ``rank_pattern``/``alpha_pattern`` key: the module's name, or its dotted suffix."""
+    return rf"(?:.*\.)?{key}"
+
+
 def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
     for key, value in (pattern or {}).items():
-        if re.fullmatch(rf"(?:.*\.)?{key}", module):
+        if re.fullmatch(_pattern_regex(key), module):
             return float(value)
     return default
 

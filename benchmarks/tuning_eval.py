@@ -90,7 +90,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     from tsugiki.config import ModelConfig
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
     from tsugiki.tuning.data import TuningData
-    from tsugiki.tuning.job import fit, pick_strength
+    from tsugiki.tuning.job import default_retain_texts, fit, pick_strength
     from tsugiki.tuning.trainer import evaluate, peak_rss_mb
 
     threads = set_torch_threads(args.threads)
@@ -113,7 +113,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
                    final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
         if cfg.robust is not None:
             t0 = time.time()
-            strength, table = pick_strength(cfg, model, tok, val, res.layers)
+            strength, table = pick_strength(cfg, model, tok, val, res.layers, retain_texts=default_retain_texts())
             out.update(strength=strength, strength_table=table, strength_seconds=time.time() - t0)
     model.eval()
     t0 = time.time()

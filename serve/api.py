@@ -146,7 +146,7 @@ async def json_object(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers beyond Python's digit limit
         raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
@@ -370,17 +370,21 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
             raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}", param="limit")
         return {"object": "list", "data": await client.monitor_events(adapter, limit)}
 
-    @app.get("/v1/monitor/adapters/{name}")
-    async def monitor_adapter(name: str, request: Request) -> dict[str, Any]:
-        auth.inference(request)
+    async def known_to_monitor(name: str) -> None:
         if await label_for(name) == "unknown" and name not in await routed_versions():
             raise NotFoundError(f"{name!r} is neither the base model, a loaded adapter nor a version an alias "
                                 "routes to", param="name", code="model_not_found")
+
+    @app.get("/v1/monitor/adapters/{name}")
+    async def monitor_adapter(name: str, request: Request) -> dict[str, Any]:
+        auth.inference(request)
+        await known_to_monitor(name)
         return await client.monitor_status(name)
 
     @app.post("/v1/monitor/adapters/{name}/reset")
     async def monitor_reset(name: str, request: Request) -> dict[str, Any]:
         auth.admin(request)
+        await known_to_monitor(name)
         return await client.monitor_reset(name)
 
     # ---- registry, aliases, rollouts, feedback, refresh -------------------------------------------------------

@@ -252,7 +252,7 @@ class ControlPlane:
         the base model is checked where the model is), and one whose model card says its gate failed is refused:
         the tuning job keeps such candidates aside on purpose."""
         real = inside_roots(path, self.roots)
-        await asyncio.to_thread(read_lora_artifact, real)
+        await asyncio.to_thread(read_lora_artifact, real, max_file_bytes=self.settings.adapters.max_file_bytes)
         gate = _card(real).get("gate") or {}
         if isinstance(gate, dict) and gate.get("passed") is False:
             raise InvalidRequestError(f"adapter at {str(path)!r} failed its regression gate "

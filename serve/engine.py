@@ -235,9 +235,8 @@ class EngineCore:
         self._drop_aborted()
         new = self._admit()
         if new:
-            self._admitted = new  # out of the queue, not yet in the batch: fail_all must still reach them
             self._prefill(new)
-            self._admitted = []
+        self._admitted = []
         if self._rows:
             self._decode()
         self._gauge()
@@ -262,7 +261,9 @@ class EngineCore:
         self._retire()
 
     def _admit(self) -> list[_Seq]:
+        # out of the queue, not yet in the batch: kept where fail_all finds them if this step fails from here on
         new: list[_Seq] = []
+        self._admitted = new
         while self._waiting and len(self._rows) + len(new) < self.cfg.max_batch_size:
             req, sink = self._waiting[0]
             ref = None

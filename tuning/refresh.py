@@ -151,7 +151,7 @@ class Refresher:
                                 f"{self.config.min_labelled} needed (refresh.min_labelled); turn capture on for the "
                                 "alias and send feedback with labels", counts=counts)
         out.mkdir(parents=True, exist_ok=True)
-        if not path.is_file():  # written by a run that stopped before it was recorded as running: the same data
+        if not path.is_file():  # (a file left by a run that stopped before it was recorded as running is kept)
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in original + new),
                            encoding="utf-8")

@@ -69,6 +69,7 @@ def test_digest_changes_with_content(lora_all: Path, lora_other: Path) -> None:
     ("pattern_list", "alpha_pattern must be an object"),
     ("pattern_regex", "rank_pattern key '\\(' is not a regular expression"),
     ("pattern_value", "rank_pattern\\['q_proj'\\] must be a positive number"),
+    ("pattern_flags", "rank_pattern key '\\(\\?i\\)q_proj' is not a regular expression"),
 ])
 def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: Path) -> None:
     d = tmp_path / "a"
@@ -109,7 +110,9 @@ def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: 
         else:  # malformed numbers and patterns in the config: a 4xx naming the field, not a 500
             cfg.update({"alpha_text": {"lora_alpha": "x"}, "alpha_null_rank_bool": {"lora_alpha": None, "r": True},
                         "pattern_list": {"alpha_pattern": [1]}, "pattern_regex": {"rank_pattern": {"(": 4}},
-                        "pattern_value": {"rank_pattern": {"q_proj": "four"}}}[case])
+                        "pattern_value": {"rank_pattern": {"q_proj": "four"}},
+                        # compiles alone, but not inside PEFT's suffix pattern (global flags must come first)
+                        "pattern_flags": {"rank_pattern": {"(?i)q_proj": 4}}}[case])
             cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match=match):
         read_lora_artifact(d)

@@ -133,6 +133,8 @@ BAD = [
      '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, "'\\udfff'"),
     ("seed beyond a generator's range", "/v1/completions", {"model": "tiny", "prompt": "hi", "seed": 2**64}, 400,
      "seed"),
+    ("integer beyond Python's digit limit", "/v1/completions", '{"model": "tiny", "prompt": "hi", "seed": '
+     + "9" * 5000 + "}", 400, "not valid JSON"),
     ("echo", "/v1/completions", {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo is not supported"),
     ("top_logprobs without logprobs", "/v1/chat/completions",
      {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
@@ -241,6 +243,7 @@ def test_noise_headers_and_monitor_endpoints(tiny_dir: Path, tmp_path: Path) -> 
             assert _metric(client, "tsugiki_noisy_requests_total", adapter="tiny", reason="repetition") == 1
             assert _metric(client, "tsugiki_drift_reference_ready", adapter="tiny") == 1
             assert client.post("/v1/monitor/adapters/tiny/reset").json()["alarm"] is False
+            assert client.post("/v1/monitor/adapters/nope/reset").status_code == 404  # as its status is
     finally:
         server.shutdown()
 
