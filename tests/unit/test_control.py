@@ -174,6 +174,13 @@ def test_registration_refuses_unreadable_or_gate_failed_adapters(env: Env, lora_
     r = env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "rejected")})
     assert r.status_code == 400 and r.json()["error"]["code"] == "gate_failed", r.text
     assert "clean accuracy 0.2 < 0.5" in r.json()["error"]["message"]
+    # the replicas' file size limit applies (adapters.max_file_bytes), not a built-in one
+    s = env.plane.settings
+    env.plane.settings = s.model_copy(update={"adapters": s.adapters.model_copy(update={"max_file_bytes": 100})})
+    shutil.copytree(lora_other, env.root / "fine")
+    r = env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "fine")})
+    assert r.status_code == 400 and "adapters.max_file_bytes" in r.json()["error"]["message"], r.text
+    env.plane.settings = s
     assert env.plane.registry.versions("support") == []
 
 

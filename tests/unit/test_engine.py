@@ -315,3 +315,27 @@ def test_a_tiny_temperature_samples_the_most_likely_token() -> None:
     params = [SamplingParams(max_tokens=1, temperature=1e-40, seed=1)] * 2
     gens = [torch.Generator().manual_seed(1) for _ in params]
     assert [s.token_id for s in sample_rows(logits, params, gens)] == [1, 0]
+
+
+def test_a_failure_during_admission_fails_the_requests_already_admitted(tiny_dir: Path, store: AdapterStore,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """If making a later request's adapter resident fails (an out-of-memory, a file gone), the requests admitted
+    before it in the same step are off the queue and pinned: the failure path must answer and unpin them."""
+    core = _core(tiny_dir, store)
+    ids = tuple(core.tokenizer("hello")["input_ids"])
+    col = Collector()
+    core.add_request(GenerationRequest("a", ids, SamplingParams(max_tokens=3), "all"), col.sink("a"))
+    core.add_request(GenerationRequest("b", ids, SamplingParams(max_tokens=3), "qv"), col.sink("b"))
+    real = core.ensure_resident
+
+    def fails_for_qv(ref, weights=None):  # type: ignore[no-untyped-def]
+        if ref.name == "qv":
+            raise RuntimeError("out of memory")
+        return real(ref, weights)
+
+    monkeypatch.setattr(core, "ensure_resident", fails_for_qv)
+    with pytest.raises(RuntimeError):
+        core.step()
+    core.fail_all(EngineError("failed"))
+    assert set(col.errors) == {"a", "b"} and not core.has_work()
+    assert not any(core.cache.pinned(r) for r in core.cache.refs())
