@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,9 @@ def test_digest_changes_with_content(lora_all: Path, lora_other: Path) -> None:
     ("pattern_list", "alpha_pattern must be an object"),
     ("pattern_regex", "rank_pattern key '\\(' is not a regular expression"),
     ("pattern_value", "rank_pattern\\['q_proj'\\] must be a positive number"),
-    ("pattern_flags", "rank_pattern key '\\(\\?i\\)q_proj' is not a regular expression"),
+    # Python 3.11 made global flags inside a pattern an error (3.10 only warns, and then matching works too)
+    pytest.param("pattern_flags", "rank_pattern key '\\(\\?i\\)q_proj' is not a regular expression",
+                 marks=pytest.mark.skipif(sys.version_info < (3, 11), reason="an error only from Python 3.11")),
 ])
 def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: Path) -> None:
     d = tmp_path / "a"
