@@ -33,6 +33,7 @@ from tsugiki.errors import (
 )
 from tsugiki.serve.metrics import GatewayMetrics, MergedExpositions
 from tsugiki.serve.protocol import (
+    SQLITE_MAX_INT,
     CaptureRequest,
     ChatRequest,
     CompletionRequest,
@@ -46,7 +47,6 @@ from tsugiki.serve.protocol import (
 )
 
 logger = logging.getLogger(__name__)
-SQLITE_MAX_INT = 2**63 - 1  # the registry's integers are SQLite's 64-bit ones
 M = TypeVar("M", bound=BaseModel)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

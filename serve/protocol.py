@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tsugiki.errors import InvalidRequestError
 
+SQLITE_MAX_INT = 2**63 - 1  # the registry's integers are SQLite's 64-bit ones
+
 
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -162,7 +164,7 @@ class RolloutStartRequest(_Req):
 
 class CaptureRequest(_Req):
     rate: float = Field(ge=0, le=1, description="Share of the alias's requests captured.")
-    retention: int = Field(ge=0, le=2**63 - 1, description="Captures kept at most (oldest dropped).")
+    retention: int = Field(ge=0, le=SQLITE_MAX_INT, description="Captures kept at most (oldest dropped).")
 
 
 class RefreshRequest(_Req):

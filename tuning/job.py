@@ -196,7 +196,9 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
 
 
 def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *, strength: float,
-             incumbent_dir: Path | None, retain_texts: list[str]) -> GateReport:
+             incumbent_dir: Path | None, retain_texts: list[str], retained: float | None = None) -> GateReport:
+    """The gate's numbers for the model as it is; ``retained``: the retained agreement on ``retain_texts`` at this
+    strength when the strength choice already measured it (else it is measured here)."""
     clean = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)
     fams = {f: evaluate(model, tokenizer, val, family=f, severity=cfg.gate.severity, seed=cfg.seed + 1,
                         batch_size=cfg.eval_batch_size) for f in cfg.gate.families}
@@ -211,8 +213,7 @@ def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *,
             model.delete_adapter("incumbent")
     with model.disable_adapter():
         base_clean = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)
-    retained = None
-    if retain_texts:
+    if retained is None and retain_texts:
         cand = next_token_argmax(model, tokenizer, retain_texts, cfg.eval_batch_size)
         with model.disable_adapter():
             base = next_token_argmax(model, tokenizer, retain_texts, cfg.eval_batch_size)
@@ -289,7 +290,8 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
     inc_ref = store.resolve(name) if incumbent_dir is None else None
     incumbent = Path(incumbent_dir) if incumbent_dir is not None else (
         store.path_of(inc_ref) if inc_ref is not None else None)
-    report = run_gate(cfg, model, tok, val, strength=strength, incumbent_dir=incumbent, retain_texts=retain)
+    report = run_gate(cfg, model, tok, val, strength=strength, incumbent_dir=incumbent, retain_texts=retain,
+                      retained=strengths.get(strength, {}).get("retained"))
     reference, ref_record = None, None
     if report.passed and cfg.drift_reference:
         set_strength(model, strength)  # the features of the adapter as written

@@ -564,13 +564,13 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 def correct(outputs: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
     """Exact match of the output's first lines, as many as the completion has, with the completion (each
     whitespace-trimmed): what follows a complete answer (another line the model went on with) does not count."""
-    def first_lines(text: str, n: int) -> list[str]:
-        return [line.strip() for line in text.strip().split("\n")[:n]]
+    def lines(text: str) -> list[str]:
+        return [line.strip() for line in text.strip().split("\n")]
 
     out = []
     for o, e in zip(outputs, examples):
-        want = first_lines(e.completion, len(e.completion.strip().split("\n")))
-        out.append(first_lines(o, len(want)) == want)
+        want = lines(e.completion)
+        out.append(lines(o)[: len(want)] == want)
     return np.array(out)
 
 

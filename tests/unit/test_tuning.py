@@ -26,7 +26,7 @@ from tsugiki.tuning.data import (
     split,
 )
 from tsugiki.tuning.gate import decide, negative_flip_rate
-from tsugiki.tuning.job import build_model, choose_layers, pick_strength, run_local, set_strength
+from tsugiki.tuning.job import build_model, choose_layers, pick_strength, run_gate, run_local, set_strength
 from tsugiki.tuning.trainer import Encoded, Trainer, correct, frozen_bfloat16, noisy_copies, shared_head
 
 WORDS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
@@ -317,6 +317,10 @@ def test_strength_choice_passes_over_strengths_the_retention_check_would_reject(
     assert best == 1.0 and table[1.0]["score"] < table[0.05]["score"]  # the loss prefers the tuned adapter
     assert r_weak > r_full  # ... which moved further from the base model
     assert pick((r_weak + r_full) / 2)[0] == 0.05
+    # what the job hands the gate instead of measuring again is what the gate measures at that strength
+    gate_cfg = _cfg(tiny_dir, gate=GateConfig(families=("typos",), min_retained_agreement=0.0))
+    report = run_gate(gate_cfg, t.model, tok, val, strength=0.05, incumbent_dir=None, retain_texts=retain)
+    assert report.retained_agreement == pytest.approx(r_weak)
     assert pick(1.0)[0] == 1.0 and r_weak < 1.0  # none passes: the best by loss (the gate then says why)
     assert pick((r_weak + r_full) / 2, texts=[])[0] == 1.0 and "retained" not in pick(0.5, texts=[])[1][1.0]
 
