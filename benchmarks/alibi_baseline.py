@@ -7,8 +7,11 @@ under the Business Source License): run it in a virtual environment of its own:
     /tmp/alibi-venv/bin/pip install torch==2.13.0 "alibi-detect[torch]==0.13.*"
     /tmp/alibi-venv/bin/python benchmarks/alibi_baseline.py ~/.cache/tsugiki/eval
 
-Both detectors see the same features: the reference's PCA-whitened projection (64 dims) of the mean-pooled
-hidden states. Prints detection delays (median, p90, share detected) per scenario beside tsugiki's.
+Alibi sees the features tsugiki's feature CUSUM sees: the reference's PCA-whitened projection (64 dims) of the
+mean-pooled hidden states. tsugiki's detector also runs a CUSUM on the requests' noise scores (text statistics);
+``--noise-column`` gives Alibi that signal too, as a 65th column: the same ``Phi^-1`` of the noise-score rank
+among the reference's, on the same unit scale as the whitened dimensions. Prints detection delays (median,
+p90, share detected) per scenario beside tsugiki's.
 
 ``--reference held-out`` gives Alibi only the 500 reference points the whitening was not fitted on, as tsugiki
 scores against. With all 1000 (the default), half of Alibi's reference is in-sample for the whitening, whose
@@ -43,11 +46,20 @@ def main() -> None:
     ap.add_argument("n_boot", nargs="?", type=int, default=0, help="bootstrap simulations (default 10x ERT)")
     ap.add_argument("--reference", choices=["all", "held-out"], default="all",
                     help="x_ref: all 1000 reference points, or only the 500 the whitening was not fitted on")
+    ap.add_argument("--noise-column", action="store_true",
+                    help="append each request's noise-score rank (as tsugiki's noise CUSUM scores it) as a column")
     args = ap.parse_args()
     out, n_boot = args.out.expanduser(), args.n_boot
     manifest = json.loads((out / "alibi_manifest.json").read_text())
     streams = np.load(out / "alibi_streams.npz", allow_pickle=False)
     from alibi_detect.cd import MMDDriftOnline
+
+    def load(key: str) -> np.ndarray:
+        if key not in streams.files:
+            raise SystemExit(f"{out / 'alibi_streams.npz'} has no {key}: save the streams again with this "
+                             "version of benchmarks/monitor_eval.py")
+        x = streams[key]
+        return np.concatenate([x, streams[f"{key}_noise_z"][:, None]], axis=1) if args.noise_column else x
 
     ert, window = manifest["compare_ert"], manifest["window"]
     n_boot = n_boot or int(10 * ert)
@@ -55,20 +67,16 @@ def main() -> None:
     run_lengths: list[float] = []
     for seed in manifest["seeds"]:
         t0 = time.time()
-        key = f"s{seed}_ref" if args.reference == "all" else f"s{seed}_ref_heldout"
-        if key not in streams.files:
-            raise SystemExit(f"{out / 'alibi_streams.npz'} has no {key}: save the streams again with this "
-                             "version of benchmarks/monitor_eval.py")
-        x_ref = streams[key]
+        x_ref = load(f"s{seed}_ref" if args.reference == "all" else f"s{seed}_ref_heldout")
         cd = MMDDriftOnline(x_ref, ert=ert, window_size=window, backend="pytorch", n_bootstraps=n_boot,
                             verbose=False)
         print(f"[seed {seed}] calibrated in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-        nd = streams[f"s{seed}_nodrift"]
+        nd = load(f"s{seed}_nodrift")
         rl = first_alarm(cd, nd)
         run_lengths.append(rl if np.isfinite(rl) else len(nd))
         for name in manifest["scenarios"]:
             # streams start at the change: the delay is the index of the first alarm
-            delays.setdefault(name, []).append(first_alarm(cd, streams[f"s{seed}_{name}"]))
+            delays.setdefault(name, []).append(first_alarm(cd, load(f"s{seed}_{name}")))
         print(f"[seed {seed}] done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
 
     def fmt(v: list[float]) -> str:
@@ -84,11 +92,12 @@ def main() -> None:
     print(f"\nno drift, mean run length (capped at {int(10 * ert)} for Alibi, {int(50 * ert)} for tsugiki): "
           f"tsugiki {np.mean(ours_rl):.0f}, alibi {np.mean(run_lengths):.0f} (configured ERT {ert:g})")
     print(f"detection delay from the change, ERT {ert:g}, Alibi window {window}, {len(manifest['seeds'])} seeds "
-          f"(median, p90, share detected within 2000 requests)")
+          f"(median, p90, share detected within 2000 requests); Alibi on {x_ref.shape[1]} feature columns")
     print(f"{'scenario':32s} {'tsugiki (CUSUM)':>20s}   {'alibi MMDDriftOnline':>20s}")
     for name in manifest["scenarios"]:
         print(f"{name:32s} {fmt(manifest['ours'][name])}   {fmt(delays[name])}")
-    print("RESULT_JSON " + json.dumps({"ert": ert, "window": window, "alibi": delays, "ours": manifest["ours"],
+    print("RESULT_JSON " + json.dumps({"ert": ert, "window": window, "alibi_columns": int(x_ref.shape[1]),
+                                       "alibi": delays, "ours": manifest["ours"],
                                        "alibi_no_drift_run_length": run_lengths}, default=float))
 
 

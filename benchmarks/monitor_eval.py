@@ -1,7 +1,8 @@
 """Evaluation harness for monitoring: drift detection on real CLINC150 streams, noise detection per family.
 
 Runs the same detector code the server uses (tsugiki.monitoring.drift / .noise) on features extracted by the
-same engine code path (EngineCore prefill, mean-pooled last hidden state of the default model).
+same engine code path (EngineCore prefill, mean-pooled last hidden state of the default model) and on each
+request's noise score (the replicas' NoiseDetector with the shipped thresholds), as the monitor receives them.
 
     python benchmarks/monitor_eval.py                 # everything (features cached after the first run)
     python benchmarks/monitor_eval.py --seeds 20      # fewer seeds
@@ -26,7 +27,7 @@ import numpy as np
 
 from tsugiki.config import default_home
 from tsugiki.monitoring.corruption import corrupt
-from tsugiki.monitoring.drift import DriftConfig, DriftDetector, ReferenceProfile
+from tsugiki.monitoring.drift import DriftConfig, DriftDetector, ReferenceProfile, noise_z
 from tsugiki.monitoring.noise import NoiseDetector
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
@@ -92,12 +93,15 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float((ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(neg) * len(pos)))
 
 
-def first_alarm(det: DriftDetector, x: np.ndarray, chunk: int = 1000, idx: np.ndarray | None = None) -> int | None:
-    """Index of the first alarm when feature rows ``x`` (or ``x[idx]``, gathered chunk by chunk) stream through
-    ``det`` (the server's detector code, fed in batches as the monitor is), or None."""
+def first_alarm(det: DriftDetector, x: np.ndarray, noise: np.ndarray, chunk: int = 1000,
+                idx: np.ndarray | None = None) -> int | None:
+    """Index of the first alarm when feature rows ``x`` with their noise scores ``noise`` (or ``x[idx]``,
+    ``noise[idx]``, gathered chunk by chunk) stream through ``det`` (the server's detector code, fed in batches
+    as the monitor is), or None."""
     n = len(x) if idx is None else len(idx)
     for start in range(0, n, chunk):
-        res = det.update(x[start:start + chunk] if idx is None else x[idx[start:start + chunk]])
+        rows = slice(start, start + chunk) if idx is None else idx[start:start + chunk]
+        res = det.update(x[rows], noise[rows])
         if res.alarms:
             return start + res.alarms[0]
     return None
@@ -130,6 +134,8 @@ def main() -> None:
     ap.add_argument("--allowance", type=float, default=None, help="CUSUM k (default: DriftConfig's)")
     ap.add_argument("--mean-shift-rate", type=float, default=None,
                     help="DriftConfig.mean_shift_rate (0: the novelty score alone)")
+    ap.add_argument("--noise-share", type=float, default=None,
+                    help="DriftConfig.noise_share (0: no noise-score CUSUM, the hidden-state features alone)")
     ap.add_argument("--components", type=int, default=None)
     ap.add_argument("--neighbors", type=int, default=None)
     ap.add_argument("--skip-noise", action="store_true")
@@ -142,7 +148,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=default_home() / "eval")
     args = ap.parse_args()
     over = {k: v for k, v in (("allowance", args.allowance), ("n_components", args.components),
-                              ("n_neighbors", args.neighbors), ("mean_shift_rate", args.mean_shift_rate))
+                              ("n_neighbors", args.neighbors), ("mean_shift_rate", args.mean_shift_rate),
+                              ("noise_share", args.noise_share))
             if v is not None}
     cfg = DriftConfig(ert=args.ert, reference_size=args.reference_size, ert_over=args.ert_over, **over)
     data = load_clinc(args.data)
@@ -186,11 +193,13 @@ def main() -> None:
                    for fam in ("typos", "mojibake", "random_unicode", "code_switch")}
     all_texts = texts + [t for fam in noisy_texts for t in noisy_texts[fam]]
     feats = extract_features(all_texts, args.out)
+    scores = np.array([det.score(t).score for t in all_texts])  # what each request's replica ships
     n_in, n_oos = len(inscope), len(oos)
     f_in, f_oos = feats[:n_in], feats[n_in:n_in + n_oos]
-    f_noisy, pos = {}, n_in + n_oos
+    s_in, s_oos = scores[:n_in], scores[n_in:n_in + n_oos]
+    f_noisy, s_noisy, pos = {}, {}, n_in + n_oos
     for fam in noisy_texts:
-        f_noisy[fam] = feats[pos:pos + len(noise_base)]
+        f_noisy[fam], s_noisy[fam] = feats[pos:pos + len(noise_base)], scores[pos:pos + len(noise_base)]
         pos += len(noise_base)
     dom = np.array([intent_domain[i] for _, i in inscope])
     noise_dom = np.array([intent_domain[i] for _, i in noise_base])
@@ -205,7 +214,7 @@ def main() -> None:
     saved = []
     log(f"drift: {args.seeds} seeds, ert_over={args.ert_over}, ERT {cfg.ert:g} (h={cfg.threshold(n_cal):.2f}), "
         f"comparison ERT {args.compare_ert:g} (h={cfg_cmp.threshold(n_cal):.2f}), k={cfg.allowance}, "
-        f"mean_shift_rate={cfg.mean_shift_rate}")
+        f"mean_shift_rate={cfg.mean_shift_rate}, noise_share={cfg.noise_share}")
     t0 = time.time()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         r = np.random.default_rng(seed)
@@ -217,13 +226,19 @@ def main() -> None:
         # the server's fit (DriftDetector.set_reference), shared by every run of this seed: a detector on it
         # starts as one right after set_reference
         prof = ReferenceProfile.fit(f_in[ref_idx], n_components=cfg.n_components, n_neighbors=cfg.n_neighbors)
-        live = f_in[live_in]
+        ref_noise = np.sort(s_in[ref_idx])  # the reference requests' noise scores: the noise channel's reference
+
+        def detector(c: DriftConfig, prof: ReferenceProfile = prof, ref_noise: np.ndarray = ref_noise) -> DriftDetector:
+            return DriftDetector(config=c, profile=prof, noise_reference=ref_noise)
+
+        live, live_s = f_in[live_in], s_in[live_in]
         nd_mask = np.isin(noise_dom, list(ref_domains))
-        pools = {"out": f_in[out_idx], "oos": f_oos, **{f"noisy:{fam}": f_noisy[fam][nd_mask] for fam in f_noisy}}
+        pools = {"out": (f_in[out_idx], s_in[out_idx]), "oos": (f_oos, s_oos),
+                 **{f"noisy:{fam}": (f_noisy[fam][nd_mask], s_noisy[fam][nd_mask]) for fam in f_noisy}}
         # no drift: run length until the first (false) alarm, capped at 50x ERT
         for c, lengths in ((cfg, run_lengths), (cfg_cmp, cmp_run_lengths)):
             cap = int(50 * c.ert)
-            rl = first_alarm(DriftDetector(config=c, profile=prof), live, chunk=2000, idx=r.integers(0, len(live), cap))
+            rl = first_alarm(detector(c), live, live_s, chunk=2000, idx=r.integers(0, len(live), cap))
             lengths.append(cap if rl is None else rl + 1)
         if args.only_no_drift:
             if seed % 25 == 0:
@@ -242,22 +257,23 @@ def main() -> None:
         seed_streams = {}
         for name, (p, gradual, kind) in scenarios.items():
             from_pool, pick = shifted(r, p, gradual, n, args.onset)
-            pool = pools[kind]
+            pool, pool_s = pools[kind]
             xs = np.where(from_pool[:, None], pool[pick % len(pool)], live[pick % len(live)])
-            first = first_alarm(DriftDetector(config=cfg, profile=prof), xs)
+            ss = np.where(from_pool, pool_s[pick % len(pool)], live_s[pick % len(live)])
+            first = first_alarm(detector(cfg), xs, ss)
             if first is not None and first < args.onset:
                 scen_delays.setdefault(name, []).append(np.nan)  # a false alarm before onset
             else:
                 scen_delays.setdefault(name, []).append(np.inf if first is None else first - args.onset + 1)
             # For the comparison with Alibi Detect both detectors start at the change (as Alibi's own examples
             # measure delay), so delays are not confounded by false alarms before it.
-            post = first_alarm(DriftDetector(config=cfg_cmp, profile=prof), xs[args.onset:args.onset + 2000])
+            post = first_alarm(detector(cfg_cmp), xs[args.onset:args.onset + 2000], ss[args.onset:args.onset + 2000])
             cmp_delays.setdefault(name, []).append(np.inf if post is None else post + 1)
             if seed - args.first_seed < args.save_seeds and (not name.startswith("noise") or name.endswith("20%")):
                 seed_streams[name] = (from_pool, pick, kind)
         if seed - args.first_seed < args.save_seeds:
             saved.append({"seed": seed, "ref_idx": ref_idx, "live_in": live_in, "out_idx": out_idx,
-                          "nd_mask": nd_mask, "streams": seed_streams, "prof": prof})
+                          "nd_mask": nd_mask, "streams": seed_streams, "prof": prof, "ref_noise": ref_noise})
         if seed % 5 == 0:
             log(f"  seed {seed - args.first_seed + 1}/{args.seeds}  {time.time() - t0:.0f}s")
 
@@ -297,18 +313,32 @@ def main() -> None:
         def proj(x: np.ndarray, prof: ReferenceProfile = prof) -> np.ndarray:
             return ((x - prof.mean) @ prof.components).astype(np.float32)
 
+        # the noise channel's score as a feature column (``--noise-column`` there): Phi^-1 of the request's
+        # noise-score rank among the reference's, as the detector computes it
+        zrng = np.random.default_rng(10**6 + seed)
+
+        def nz(x: np.ndarray, ref: np.ndarray = s["ref_noise"], zrng: np.random.Generator = zrng) -> np.ndarray:
+            return noise_z(ref, x, zrng).astype(np.float32)
+
         bundle[f"s{seed}_ref"] = proj(f_in[s["ref_idx"]])
+        bundle[f"s{seed}_ref_noise_z"] = nz(s_in[s["ref_idx"]])
         # the half the whitening was not fitted on: exchangeable with live traffic under no drift
         bundle[f"s{seed}_ref_heldout"] = prof.points.astype(np.float32)
+        bundle[f"s{seed}_ref_heldout_noise_z"] = nz(s_in[s["ref_idx"][ReferenceProfile.split(len(s["ref_idx"]))[1]]])
         for name, (from_pool, pick, kind) in s["streams"].items():
-            live = f_in[s["live_in"]]
-            pool = {"out": f_in[s["out_idx"]], "oos": f_oos}.get(kind)
-            if pool is None:
-                pool = f_noisy[kind.split(":")[1]][s["nd_mask"]]
+            live, live_s = f_in[s["live_in"]], s_in[s["live_in"]]
+            pool, pool_s = {"out": (f_in[s["out_idx"]], s_in[s["out_idx"]]), "oos": (f_oos, s_oos)}.get(
+                kind, (None, None))
+            if pool is None or pool_s is None:
+                fam = kind.split(":")[1]
+                pool, pool_s = f_noisy[fam][s["nd_mask"]], s_noisy[fam][s["nd_mask"]]
             x = np.where(from_pool[:, None], pool[pick % len(pool)], live[pick % len(live)])
+            xs = np.where(from_pool, pool_s[pick % len(pool)], live_s[pick % len(live)])
             bundle[f"s{seed}_{name}"] = proj(x[args.onset:args.onset + 2000])
-        bundle[f"s{seed}_nodrift"] = proj(f_in[s["live_in"]][np.random.default_rng(seed).integers(
-            0, len(s["live_in"]), int(10 * args.compare_ert))])
+            bundle[f"s{seed}_{name}_noise_z"] = nz(xs[args.onset:args.onset + 2000])
+        nd_idx = np.random.default_rng(seed).integers(0, len(s["live_in"]), int(10 * args.compare_ert))
+        bundle[f"s{seed}_nodrift"] = proj(f_in[s["live_in"]][nd_idx])
+        bundle[f"s{seed}_nodrift_noise_z"] = nz(s_in[s["live_in"]][nd_idx])
         manifest["seeds"].append(seed)
     manifest["scenarios"] = list(saved[0]["streams"]) if saved else []
     manifest["ours"] = {name: cmp_delays[name][:len(saved)] for name in manifest["scenarios"]}

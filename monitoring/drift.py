@@ -25,6 +25,16 @@ How it works, per adapter:
    Siegmund's approximation for Gaussian CUSUM; no simulation on the user's data is needed. ``k`` trades speed
    on large shifts against speed on small ones: a CUSUM is fastest for a mean shift of ``2k`` in ``z``. After
    an alarm ``S`` restarts from 0.
+5. **Noise channel.** Dense noise (a share of typo-ridden or code-switched requests) moves the hidden-state
+   features only a little, while the per-request noise score (:mod:`tsugiki.monitoring.noise`, text statistics
+   the replicas compute anyway) moves a lot. A second CUSUM runs on ``z_noise``, ``Phi^-1`` of the request's
+   noise score's rank among the reference requests' noise scores, with ties broken at random (most clean
+   requests score exactly 0; the randomised rank is exactly uniform under no drift, so ``z_noise`` is exactly
+   N(0, 1)). Either CUSUM crossing its threshold is an alarm. The false-alarm budget ``1/ERT`` is split:
+   ``noise_share`` of it to the noise CUSUM (its ERT is ``ERT / noise_share``), the rest to the feature CUSUM
+   (``ERT / (1 - noise_share)``), so the union still alarms once per ERT requests with no drift. The noise
+   reference comes with the feature reference when the adapter's tuning data gave one, otherwise from the first
+   ``reference_size`` requests that carry a noise score.
 
 State to save (:meth:`DriftDetector.state_dict`) is named explicitly: the profile arrays, the live mean and the
 CUSUM scalars.
@@ -63,6 +73,12 @@ class DriftConfig(BaseModel):
                     "projects on (about 1/rate requests of memory); 0 turns the mean-shift score off and the "
                     "CUSUM runs on the novelty score alone. Allowed: 0 or 0.01-0.5 (run lengths measured at 0.05).")
     window: int = Field(default=200, gt=0, description="Recent requests summarised in alarm events.")
+    noise_share: float = Field(
+        default=0.1, ge=0, lt=1,
+        description="Share of the false-alarm budget (1/ERT) given to a second CUSUM on the requests' noise "
+                    "scores (dense typos, code-switching); 0 turns it off. Chosen on CLINC150 seeds 0-99 "
+                    "(benchmarks/monitor_eval.py).")
+    noise_allowance: float = Field(default=0.3, gt=0, description="The noise CUSUM's k.")
     enabled: bool = Field(default=True, description="Run drift detection for this adapter at all.")
     ert_over: Literal["references", "stream"] = Field(
         default="references",
@@ -107,7 +123,15 @@ class DriftConfig(BaseModel):
         rate = self.mean_shift_rate
         variance = 1.0 + 2.0 / (rate * n_calibration) if rate > 0 else 1.0
         bias_n = n_calibration * (2 if rate > 0 else 1) if self.ert_over == "references" else None
-        return cusum_threshold(self.allowance, self.ert, bias_n, variance)
+        return cusum_threshold(self.allowance, self.ert / (1.0 - self.noise_share), bias_n, variance)
+
+    def noise_threshold(self, n_calibration: int) -> float:
+        """The noise CUSUM's threshold for its share of the false-alarm budget (inf when it is off), given the
+        number of reference noise scores that calibrate its ranks."""
+        if self.noise_share <= 0:
+            return math.inf
+        bias_n = n_calibration if self.ert_over == "references" else None
+        return cusum_threshold(self.noise_allowance, self.ert / self.noise_share, bias_n)
 
 
 def cusum_arl(k: float, h: float, mu: float = 0.0) -> float:
@@ -176,8 +200,8 @@ class ReferenceProfile:
         need = max(40, 2 * (n_neighbors + 2))
         if x.ndim != 2 or len(x) < need:
             raise ValueError(f"a reference needs a 2-D array of at least {need} feature vectors, got shape {x.shape}")
-        order = np.random.default_rng(seed).permutation(len(x))
-        proj_half, neigh_half = x[order[: len(x) // 2]], x[order[len(x) // 2 :]]
+        proj_rows, neigh_rows = cls.split(len(x), seed)
+        proj_half, neigh_half = x[proj_rows], x[neigh_rows]
         mean = proj_half.mean(0)
         c = min(n_components, x.shape[1], len(proj_half) - 1)
         _, s, vt = np.linalg.svd(proj_half - mean, full_matrices=False)
@@ -189,6 +213,12 @@ class ReferenceProfile:
         np.fill_diagonal(d, np.inf)
         loo = np.sqrt(np.partition(d, k - 1, axis=1)[:, :k]).mean(1)
         return cls(mean=mean, components=components, points=points, calibration=np.sort(loo), n_neighbors=k)
+
+    @staticmethod
+    def split(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Row indices of the projection half and of the neighbour (calibration) half of an ``n``-row reference."""
+        order = np.random.default_rng(seed).permutation(n)
+        return order[: n // 2], order[n // 2 :]
 
     def novelty(self, x: np.ndarray) -> np.ndarray:
         return self._novelty(self.project(x))
@@ -257,22 +287,38 @@ def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
+def noise_z(reference: np.ndarray, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``Phi^-1`` of each score's rank among the sorted ``reference`` scores, ties broken uniformly at random: the
+    randomised rank ``(below + U * (ties + 1)) / (n + 1)`` is exactly uniform when the score and the reference
+    scores are exchangeable, whatever their distribution (most clean requests score exactly 0)."""
+    n = len(reference)
+    below = np.searchsorted(reference, scores, side="left")
+    ties = np.searchsorted(reference, scores, side="right") - below
+    u = (below + rng.random(len(scores)) * (ties + 1)) / (n + 1)
+    return np.array([_NORMAL.inv_cdf(min(max(float(v), 1e-12), 1.0 - 1e-12)) for v in u])
+
+
 @dataclass(frozen=True)
 class Update:
     """Result of :meth:`DriftDetector.update`: rows ``[offset:]`` were live and got the standardised score ``z``
-    the CUSUM adds up; ``alarms`` are row indices (into the input) where the CUSUM crossed its threshold."""
+    the feature CUSUM adds up; ``z_noise`` holds every row's noise-channel score (NaN where the row had no noise
+    score or went into the noise reference); ``alarms`` are row indices (into the input) where a CUSUM crossed
+    its threshold, and ``channels`` says which one for each (``"features"`` or ``"noise"``)."""
 
     offset: int
     z: np.ndarray
     alarms: list[int]
+    z_noise: np.ndarray = field(default_factory=lambda: np.empty(0))
+    channels: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DriftDetector:
-    """Reference profile + CUSUM for one adapter.
+    """Reference profile + CUSUMs for one adapter.
 
     Until the profile exists, :meth:`update` collects reference features (the first ``reference_size``
-    requests) unless a reference was given with :meth:`set_reference`.
+    requests) unless a reference was given with :meth:`set_reference`; likewise the noise reference (the first
+    ``reference_size`` requests with a noise score) unless it came with the features.
     """
 
     config: DriftConfig = field(default_factory=DriftConfig)
@@ -284,6 +330,9 @@ class DriftDetector:
     pending: list[np.ndarray] = field(default_factory=list)
     # running mean of live requests in the profile's whitened coordinates; None: none yet (starts at zero)
     live_mean: np.ndarray | None = None
+    noise_statistic: float = 0.0
+    noise_reference: np.ndarray | None = None  # sorted reference noise scores
+    noise_pending: list[np.ndarray] = field(default_factory=list)
 
     @property
     def threshold(self) -> float:
@@ -292,17 +341,35 @@ class DriftDetector:
         return self.config.threshold(n_cal)
 
     @property
+    def noise_threshold(self) -> float:
+        n = len(self.noise_reference) if self.noise_reference is not None else self.config.reference_size
+        return self.config.noise_threshold(n)
+
+    @property
     def ready(self) -> bool:
         return self.profile is not None
 
-    def set_reference(self, x: np.ndarray) -> None:
-        """Fit the profile on ``x`` (e.g. the adapter's tuning data); restarts the CUSUM."""
+    @property
+    def noise_ready(self) -> bool:
+        return self.noise_reference is not None
+
+    def set_reference(self, x: np.ndarray, noise: np.ndarray | None = None) -> None:
+        """Fit the profile on ``x`` (e.g. the adapter's tuning data) and, with ``noise`` (their noise scores), the
+        noise reference; without, the noise reference is collected from the next requests. Restarts the CUSUMs."""
         self.profile = ReferenceProfile.fit(x, n_components=self.config.n_components,
                                             n_neighbors=self.config.n_neighbors)
         self.statistic, self.pending, self.live_mean = 0.0, [], None
+        self.noise_statistic, self.noise_pending, self.noise_reference = 0.0, [], None
+        if noise is not None:
+            self._set_noise_reference(np.asarray(noise, dtype=np.float64))
+
+    def _set_noise_reference(self, noise: np.ndarray) -> None:
+        noise = noise[np.isfinite(noise)]
+        if len(noise) >= 40:  # as for the features: fewer do not calibrate a rank (then: the next requests)
+            self.noise_reference, self.noise_pending, self.noise_statistic = np.sort(noise), [], 0.0
 
     def _score(self, x: np.ndarray) -> np.ndarray:
-        """The CUSUM's increments for live rows in arrival order (advances the running live mean)."""
+        """The feature CUSUM's increments for live rows in arrival order (advances the running live mean)."""
         assert self.profile is not None
         p = self.profile.project(x)
         z = self.profile.novelty_z(p)
@@ -314,43 +381,85 @@ class DriftDetector:
             z = (z + z_shift) / math.sqrt(2.0)
         return z
 
-    def update(self, x: np.ndarray) -> Update:
-        """Feed feature rows in arrival order (reference rows first while the reference is being collected)."""
+    def _noise_scores(self, noise: np.ndarray | None, n: int) -> np.ndarray:
+        """The noise channel's increments for ``n`` rows (NaN: not scored; rows go into the noise reference while
+        it is being collected)."""
+        zn = np.full(n, np.nan)
+        if noise is None or self.config.noise_share <= 0:
+            return zn
+        noise = np.asarray(noise, dtype=np.float64).reshape(-1)
+        if len(noise) != n:
+            raise ValueError(f"{len(noise)} noise scores for {n} feature rows")
+        scored = np.flatnonzero(np.isfinite(noise))
+        start = 0
+        if self.noise_reference is None:
+            need = self.config.reference_size - sum(len(p) for p in self.noise_pending)
+            self.noise_pending.append(noise[scored[:need]])
+            if need > len(scored):
+                return zn
+            self._set_noise_reference(np.concatenate(self.noise_pending))
+            start = need
+        live = scored[start:]
+        if len(live) and self.noise_reference is not None:
+            rng = np.random.default_rng([self.seen, len(self.noise_reference), len(live)])
+            zn[live] = noise_z(self.noise_reference, noise[live], rng)
+        return zn
+
+    def update(self, x: np.ndarray, noise: np.ndarray | None = None) -> Update:
+        """Feed feature rows in arrival order (reference rows first while the reference is being collected), with
+        each row's noise score (``noise``: NaN or absent where a request was not scored)."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        zn = self._noise_scores(noise, len(x))
         offset = 0
         if self.profile is None:
             need = self.config.reference_size - sum(len(p) for p in self.pending)
             self.pending.append(x[:need])
             if need > len(x):
-                return Update(offset=len(x), z=np.empty(0), alarms=[])
-            self.set_reference(np.concatenate(self.pending))
-            x, offset = x[need:], need
-            if not len(x):
-                return Update(offset=offset, z=np.empty(0), alarms=[])
-        z = self._score(x)
+                offset = len(x)
+            else:
+                noise_ref, noise_pending = self.noise_reference, self.noise_pending
+                self.set_reference(np.concatenate(self.pending))
+                self.noise_reference, self.noise_pending = noise_ref, noise_pending  # collected on their own
+                offset = need
+        z = self._score(x[offset:]) if offset < len(x) else np.empty(0)
         h, k = self.threshold, self.config.allowance
-        fired = []
-        s = self.statistic
-        for i, zi in enumerate(z):
-            s = max(0.0, s + float(zi) - k)
-            self.seen += 1
-            if s > h:
-                fired.append(offset + i)
+        hn, kn = self.noise_threshold, self.config.noise_allowance
+        fired, channels = [], []
+        s, sn = self.statistic, self.noise_statistic
+        for i in range(len(x)):
+            crossed = None
+            if i >= offset:
+                s = max(0.0, s + float(z[i - offset]) - k)
+                self.seen += 1
+                if s > h:
+                    crossed = "features"
+            if not math.isnan(zn[i]):
+                sn = max(0.0, sn + float(zn[i]) - kn)
+                if sn > hn and crossed is None:
+                    crossed = "noise"
+            if crossed is not None:
+                fired.append(i)
+                channels.append(crossed)
                 self.alarms += 1
                 self.last_alarm_at = self.seen
-                s = 0.0
-        self.statistic = s
-        return Update(offset=offset, z=z, alarms=fired)
+                s = sn = 0.0
+        self.statistic, self.noise_statistic = s, sn
+        return Update(offset=offset, z=z, alarms=fired, z_noise=zn, channels=channels)
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(JSON-able scalars, named arrays): everything needed to resume after a restart."""
         scalars = {"config": self.config.model_dump(), "statistic": self.statistic, "seen": self.seen,
-                   "alarms": self.alarms, "last_alarm_at": self.last_alarm_at}
+                   "alarms": self.alarms, "last_alarm_at": self.last_alarm_at,
+                   "noise_statistic": self.noise_statistic}
         arrays = dict(self.profile.arrays()) if self.profile is not None else {}
         if self.live_mean is not None:
             arrays["live_mean"] = self.live_mean
         if self.pending:
             arrays["pending"] = np.concatenate(self.pending)
+        if self.noise_reference is not None:
+            arrays["noise_reference"] = self.noise_reference
+        if self.noise_pending:
+            arrays["noise_pending"] = np.concatenate(self.noise_pending)
         return scalars, arrays
 
     @classmethod
@@ -359,11 +468,17 @@ class DriftDetector:
         """The detector :meth:`state_dict` saved, under ``config`` if given (else the settings it was saved with)."""
         config = config if config is not None else DriftConfig(**scalars["config"])
         det = cls(config=config, statistic=float(scalars["statistic"]),
-                  seen=int(scalars["seen"]), alarms=int(scalars["alarms"]), last_alarm_at=scalars["last_alarm_at"])
+                  seen=int(scalars["seen"]), alarms=int(scalars["alarms"]), last_alarm_at=scalars["last_alarm_at"],
+                  noise_statistic=float(scalars.get("noise_statistic", 0.0)))
         if "points" in arrays:
             det.profile = ReferenceProfile.from_arrays(arrays)
         if "live_mean" in arrays:  # absent from state saved before the mean-shift score existed
             det.live_mean = np.asarray(arrays["live_mean"], dtype=np.float64)
         if "pending" in arrays:
             det.pending = [arrays["pending"]]
+        # absent from state saved before the noise channel existed: collected from the next requests
+        if "noise_reference" in arrays:
+            det.noise_reference = np.asarray(arrays["noise_reference"], dtype=np.float64)
+        if "noise_pending" in arrays:
+            det.noise_pending = [np.asarray(arrays["noise_pending"], dtype=np.float64)]
         return det

@@ -42,6 +42,12 @@ class DriftMetrics:
                            ["adapter"], registry=registry)
         self.threshold = Gauge("tsugiki_drift_threshold", "CUSUM threshold (from the configured ERT).", ["adapter"],
                                registry=registry)
+        self.noise_score = Gauge("tsugiki_drift_noise_score",
+                                 "Current CUSUM statistic over the requests' noise-score ranks (dense noise).",
+                                 ["adapter"], registry=registry)
+        self.noise_threshold = Gauge("tsugiki_drift_noise_threshold",
+                                     "Threshold of the noise-score CUSUM (its share of the configured ERT).",
+                                     ["adapter"], registry=registry)
         self.alarm = Gauge("tsugiki_drift_alarm", "1 while a drift alarm on the adapter is active (until reset).",
                            ["adapter"], registry=registry)
         self.alarms = Counter("tsugiki_drift_alarms", "Drift alarms raised.", ["adapter"], registry=registry)

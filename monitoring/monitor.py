@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -44,7 +45,7 @@ class Observation:
     request_id: str
     time: float
     features: np.ndarray | None
-    noise_score: float = 0.0
+    noise_score: float | None = None  # None: not scored (no user text, or noise scoring off)
     noise_reasons: tuple[str, ...] = ()
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -70,7 +71,8 @@ class MonitorConfig(BaseModel):
 class _AdapterState:
     detector: DriftDetector
     alarm: bool = False
-    recent: deque[tuple[str, float, bool, float | None]] = field(default_factory=lambda: deque(maxlen=200))
+    # (request id, feature z, noise z or NaN, flagged noisy?, output log-probability)
+    recent: deque[tuple[str, float, float, bool, float | None]] = field(default_factory=lambda: deque(maxlen=200))
     dirty: bool = False
     reference_source: str = "first requests"
     reference_key: str | None = None
@@ -111,21 +113,25 @@ class Monitor:
         det = st.detector
         self.metrics.score.labels(adapter).set(det.statistic)
         self.metrics.threshold.labels(adapter).set(det.threshold)
+        self.metrics.noise_score.labels(adapter).set(det.noise_statistic)
+        self.metrics.noise_threshold.labels(adapter).set(det.noise_threshold)
         self.metrics.alarm.labels(adapter).set(1.0 if st.alarm else 0.0)
         collected = sum(len(p) for p in det.pending)
         self.metrics.reference.labels(adapter).set(1.0 if det.ready else collected / det.config.reference_size)
 
     def set_reference(self, adapter: str, features: np.ndarray, source: str = "given features",
-                      key: str | None = None) -> dict[str, Any]:
+                      key: str | None = None, noise: np.ndarray | None = None) -> dict[str, Any]:
         """Use ``features`` (e.g. the monitor features of the adapter's tuning data, see
-        :mod:`tsugiki.monitoring.reference`) as the adapter's reference; restarts its CUSUM. With ``key`` (the
+        :mod:`tsugiki.monitoring.reference`) and, when given, ``noise`` (their noise scores) as the adapter's
+        reference; restarts its CUSUMs. Without ``noise`` the noise reference is collected from the next
+        requests. With ``key`` (the
         adapter version it belongs to) a reference already set under that key is kept as it is: every replica
         may hand it over. A raised alarm stays raised until :meth:`reset`. ``ValueError`` when there are too few
         features."""
         st = self._state(adapter)
         if key is not None and key == st.reference_key and st.detector.ready:
             return self.status(adapter)
-        st.detector.set_reference(np.asarray(features))
+        st.detector.set_reference(np.asarray(features), None if noise is None else np.asarray(noise, dtype=float))
         st.dirty, st.reference_source, st.reference_key = True, source, key
         self._export(adapter, st)
         self._save_adapter(adapter, st)
@@ -137,7 +143,7 @@ class Monitor:
         st = self._adapters.get(adapter)
         if st is None:
             return self.status(adapter)
-        st.alarm, st.detector.statistic, st.dirty = False, 0.0, True
+        st.alarm, st.detector.statistic, st.detector.noise_statistic, st.dirty = False, 0.0, 0.0, True
         self._export(adapter, st)
         self._save_adapter(adapter, st)
         return self.status(adapter)
@@ -156,35 +162,51 @@ class Monitor:
             if not self.config.adapters.get(adapter, self.config.drift).enabled:
                 continue
             st = self._state(adapter)
-            res = st.detector.update(np.stack([np.asarray(r.features, dtype=np.float64) for r in rows]))
+            noise = np.array([np.nan if r.noise_score is None else float(r.noise_score) for r in rows])
+            res = st.detector.update(np.stack([np.asarray(r.features, dtype=np.float64) for r in rows]), noise)
             self.metrics.observations.labels(adapter).inc(len(rows))
-            for r, zi in zip(rows[res.offset:], res.z):
-                st.recent.append((r.request_id, float(zi), bool(r.noise_reasons), r.output_logprob))
-            for _ in res.alarms:
-                fired_total += 1
-                st.alarm = True
-                self.metrics.alarms.labels(adapter).inc()
-                self._event(adapter, st)
+            fired = dict(zip(res.alarms, res.channels))
+            for i, r in enumerate(rows):
+                if i >= res.offset:
+                    st.recent.append((r.request_id, float(res.z[i - res.offset]), float(res.z_noise[i]),
+                                      bool(r.noise_reasons), r.output_logprob))
+                if i in fired:
+                    fired_total += 1
+                    st.alarm = True
+                    self.metrics.alarms.labels(adapter).inc()
+                    self._event(adapter, st, fired[i])
             st.dirty = True
             self._export(adapter, st)
         if self.config.save_interval_s == 0 or time.monotonic() - self._last_save >= self.config.save_interval_s:
             self.save()
         return fired_total
 
-    def _event(self, adapter: str, st: _AdapterState) -> None:
+    def _event(self, adapter: str, st: _AdapterState, channel: str) -> None:
         det = st.detector
         recent = list(st.recent)
         zs = [r[1] for r in recent]
-        lps = [r[3] for r in recent if r[3] is not None]
-        top = sorted(recent, key=lambda r: -r[1])[:5]
+        zn = [r[2] for r in recent if not math.isnan(r[2])]
+        lps = [r[4] for r in recent if r[4] is not None]
+        # the requests that pushed the CUSUM that fired the most (NaN noise scores sort last)
+        def push(r: tuple[str, float, float, bool, float | None]) -> float:
+            z = r[1] if channel == "features" else r[2]
+            return -z if not math.isnan(z) else math.inf
+
+        top = sorted(recent, key=push)[:5]
+        if channel == "noise":
+            statistic, threshold = "cusum_noise_score_rank", det.noise_threshold
+        else:
+            statistic = ("cusum_novelty_plus_mean_shift" if det.config.mean_shift_rate > 0
+                         else "cusum_standardised_knn_novelty")
+            threshold = det.threshold
         ev = {
             "id": uuid.uuid4().hex, "type": "drift_alarm", "adapter": adapter, "time": time.time(),
-            "statistic": ("cusum_novelty_plus_mean_shift" if det.config.mean_shift_rate > 0
-                          else "cusum_standardised_knn_novelty"), "threshold": det.threshold,
+            "statistic": statistic, "threshold": threshold,
             "requests_seen": det.seen, "ert": det.config.ert,
             "window": {"requests": len(recent), "mean_z": float(np.mean(zs)) if zs else None,
                        "share_above_reference_p95": float(np.mean(np.array(zs) > 1.645)) if zs else None,
-                       "noisy_share": float(np.mean([r[2] for r in recent])) if recent else None,
+                       "mean_noise_z": float(np.mean(zn)) if zn else None,
+                       "noisy_share": float(np.mean([r[3] for r in recent])) if recent else None,
                        "mean_output_logprob": float(np.mean(lps)) if lps else None},
             "example_request_ids": [r[0] for r in top],
         }
@@ -208,6 +230,9 @@ class Monitor:
         return {"adapter": adapter, "state": "alarm" if st.alarm else ("monitoring" if det.ready else "collecting "
                                                                          "reference"),
                 "alarm": st.alarm, "statistic": det.statistic, "threshold": det.threshold,
+                "noise_statistic": det.noise_statistic, "noise_threshold": det.noise_threshold,
+                "noise_reference": ("ready" if det.noise_ready else "off" if det.config.noise_share <= 0
+                                    else f"collecting ({sum(len(p) for p in det.noise_pending)} scored requests)"),
                 "requests_seen": det.seen, "alarms": det.alarms,
                 "reference_collected": det.config.reference_size if det.ready else sum(len(p) for p in det.pending),
                 "reference_source": st.reference_source,

@@ -184,7 +184,11 @@ class NoiseDetector:
         self.max_prompt_tokens = max_prompt_tokens
 
     def score(self, text: str, *, prompt_tokens: int | None = None) -> NoiseReport:
-        sig = signals(text, prompt_tokens=prompt_tokens, max_prompt_tokens=self.max_prompt_tokens)
+        return self.judge(signals(text, prompt_tokens=prompt_tokens, max_prompt_tokens=self.max_prompt_tokens))
+
+    def judge(self, sig: dict[str, float]) -> NoiseReport:
+        """The report for raw :func:`signals` computed earlier (reasons missing from ``sig`` count 0)."""
+        sig = {r: float(sig.get(r, 0.0)) for r in REASONS}
         ratios = {r: sig[r] / self.thresholds[r] for r in REASONS}
         fired = tuple(r for r in REASONS if ratios[r] >= 1.0)
         return NoiseReport(score=max(ratios.values()), reasons=fired, signals=sig)

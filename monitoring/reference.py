@@ -8,6 +8,11 @@ replica first serves a version of it (an alias's version, or one written to the 
 hands them to the monitor (:func:`ship_reference`), which then scores from that request on instead of
 collecting the first requests as its reference.
 
+Next to the features it holds the raw noise signals (:func:`tsugiki.monitoring.noise.signals`) of the same
+prompts' user text, so the monitor's noise channel has its reference from the first request too; the replica
+turns them into noise scores under its own thresholds. Files without them still load (the noise reference is
+then collected from the first requests).
+
 The file is plain safetensors (tensors and string metadata, nothing executable). Its metadata names the base
 model fingerprint, the precision and the feature definition; a reference for another base model, precision or
 feature definition is ignored (the adapter then falls back to its first requests), never used to raise false
@@ -19,11 +24,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from tsugiki.adapters.format import REFERENCE_FILE, AdapterRef
+from tsugiki.monitoring.noise import REASONS, NoiseDetector
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +66,44 @@ def prompt_features(model: Any, tokenizer: Any, prompts: list[str], *, batch_siz
 
 
 def write_reference(adapter_dir: Path, features: np.ndarray, *, base_fingerprint: str, dtype: str,
-                    source: str) -> Path:
+                    source: str, noise_signals: np.ndarray | None = None) -> Path:
     """``dtype``: the model dtype the features were computed in (``"torch.float32"``); a server computing in
-    another precision ignores them (its features differ by more than the detector tolerates)."""
+    another precision ignores them (its features differ by more than the detector tolerates).
+    ``noise_signals``: the same prompts' raw noise signals, one column per :data:`REASONS` entry."""
     from safetensors.numpy import save_file
 
     path = Path(adapter_dir) / REFERENCE_FILE
-    save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, str(path),
-              metadata={"base_model_fingerprint": base_fingerprint, "features": FEATURES, "dtype": dtype,
-                        "source": source})
+    tensors = {"features": np.ascontiguousarray(features, dtype=np.float32)}
+    meta = {"base_model_fingerprint": base_fingerprint, "features": FEATURES, "dtype": dtype, "source": source}
+    if noise_signals is not None:
+        if noise_signals.shape != (len(features), len(REASONS)):
+            raise ValueError(f"noise signals of shape {noise_signals.shape} for {len(features)} prompts and "
+                             f"{len(REASONS)} reasons")
+        tensors["noise_signals"] = np.ascontiguousarray(noise_signals, dtype=np.float32)
+        meta["noise_reasons"] = ",".join(REASONS)
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 
+class ShippedReference(NamedTuple):
+    features: np.ndarray
+    source: str
+    noise_signals: dict[str, np.ndarray] | None  # reason -> one raw signal per prompt; None: not shipped
+
+    def noise_scores(self, detector: NoiseDetector) -> np.ndarray | None:
+        """The prompts' noise scores under ``detector``'s thresholds (what live requests are scored with)."""
+        if self.noise_signals is None:
+            return None
+        n = len(self.features)
+        return np.array([detector.judge({r: float(v[i]) for r, v in self.noise_signals.items()}).score
+                         for i in range(n)])
+
+
 def read_reference(adapter_dir: Path, *, base_fingerprint: str, dtype: str | None = None,
-                   dim: int | None = None) -> tuple[np.ndarray, str] | None:
-    """``(features, source)`` of the reference shipped in ``adapter_dir``, or None when there is none or it does
-    not fit this base model and precision (logged, so an operator can tell why the adapter collects its first
-    requests)."""
+                   dim: int | None = None) -> ShippedReference | None:
+    """The reference shipped in ``adapter_dir`` (features, source, noise signals), or None when there is none or
+    it does not fit this base model and precision (logged, so an operator can tell why the adapter collects its
+    first requests). Noise signals that do not fit are dropped on their own (logged)."""
     from safetensors import safe_open
 
     path = Path(adapter_dir) / REFERENCE_FILE
@@ -86,6 +113,8 @@ def read_reference(adapter_dir: Path, *, base_fingerprint: str, dtype: str | Non
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
             features = f.get_tensor("features")
+            names = set(f.keys())
+            raw = f.get_tensor("noise_signals") if "noise_signals" in names else None
     except Exception as e:  # a damaged file costs the adapter its shipped reference, nothing else
         logger.warning(f"ignoring unreadable drift reference {path}: {type(e).__name__}: {e}")
         return None
@@ -101,12 +130,21 @@ def read_reference(adapter_dir: Path, *, base_fingerprint: str, dtype: str | Non
     if why is not None:
         logger.warning(f"ignoring drift reference {path}: {why}; the adapter's first requests will be its reference")
         return None
-    return features, meta.get("source", "tuning data")
+    noise = None
+    if raw is not None:
+        reasons = meta.get("noise_reasons", "").split(",")
+        if raw.ndim == 2 and raw.shape == (len(features), len(reasons)) and np.isfinite(raw).all():
+            noise = {r: raw[:, j] for j, r in enumerate(reasons) if r in REASONS}
+        else:
+            logger.warning(f"ignoring the noise signals in {path} (shape {raw.shape}, reasons {reasons}): the "
+                           "adapter's first requests will be its noise reference")
+    return ShippedReference(features, meta.get("source", "tuning data"), noise)
 
 
-# ``await sink(label, features, source, key)``: the monitor's ``set_reference``; ``key`` names the adapter version
-# the reference belongs to, so the replicas and the controller that each hand it over set it once.
-ReferenceSink = Callable[[str, np.ndarray, str, str], Awaitable[Any]]
+# ``await sink(label, features, source, key, noise)``: the monitor's ``set_reference``; ``key`` names the adapter
+# version the reference belongs to, so the replicas and the controller that each hand it over set it once;
+# ``noise`` is the prompts' noise scores (None when the file has no noise signals).
+ReferenceSink = Callable[[str, np.ndarray, str, str, "np.ndarray | None"], Awaitable[Any]]
 
 
 def reference_key(ref: AdapterRef) -> str:
@@ -118,20 +156,22 @@ class ReferenceNotSet(Exception):
 
 
 async def ship_reference(adapter_dir: Path, label: str, sink: ReferenceSink, *, key: str, base_fingerprint: str,
-                         dtype: str | None = None, dim: int | None = None, timeout_s: float = 10.0) -> str | None:
-    """Hand the reference shipped in ``adapter_dir`` (the version ``key``) to the monitor as ``label``'s; returns
-    its source, or None when there is none or it does not fit (the adapter's first requests then become its
-    reference). :class:`ReferenceNotSet` (logged) when the monitor did not take it within ``timeout_s``."""
+                         dtype: str | None = None, dim: int | None = None, noise: NoiseDetector | None = None,
+                         timeout_s: float = 10.0) -> str | None:
+    """Hand the reference shipped in ``adapter_dir`` (the version ``key``) to the monitor as ``label``'s, with
+    its prompts' noise scores under ``noise`` (the replica's noise detector); returns its source, or None when
+    there is none or it does not fit (the adapter's first requests then become its reference).
+    :class:`ReferenceNotSet` (logged) when the monitor did not take it within ``timeout_s``."""
     import asyncio
 
     found = await asyncio.to_thread(read_reference, adapter_dir, base_fingerprint=base_fingerprint, dtype=dtype,
                                     dim=dim)
     if found is None:
         return None
-    features, source = found
+    scores = found.noise_scores(noise) if noise is not None else None
     try:
-        await asyncio.wait_for(sink(label, features, source, key), timeout_s)
+        await asyncio.wait_for(sink(label, found.features, found.source, key, scores), timeout_s)
     except Exception as e:  # the monitor being down or refusing it must not fail a load or a request
         logger.warning(f"drift reference of {label!r} not set: {type(e).__name__}: {e}")
         raise ReferenceNotSet(str(e)) from e
-    return source
+    return found.source

@@ -120,8 +120,8 @@ class MonitorDeployment(_PushesMetrics):
         return self.monitor.reset(adapter)
 
     def set_reference(self, adapter: str, features: Any, source: str = "given features",
-                      key: str | None = None) -> dict[str, Any]:
-        return self.monitor.set_reference(adapter, features, source, key)
+                      key: str | None = None, noise: Any = None) -> dict[str, Any]:
+        return self.monitor.set_reference(adapter, features, source, key, noise)
 
     def alarms(self) -> dict[str, bool]:
         return self.monitor.alarms()
@@ -201,8 +201,8 @@ class LLMServer(_PushesMetrics):
             async def sink(batch: list[dict[str, Any]]) -> None:
                 await monitor.observe.remote(batch)
 
-            async def reference(label: str, features: Any, source: str, key: str) -> Any:
-                return await monitor.set_reference.remote(label, features, source, key)
+            async def reference(label: str, features: Any, source: str, key: str, noise: Any) -> Any:
+                return await monitor.set_reference.remote(label, features, source, key, noise)
 
         self.server = ModelServer(Settings.model_validate(settings), monitor_sink=sink, monitor_reference=reference,
                                   control=HandleControl(controller) if controller is not None else None)

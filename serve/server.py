@@ -205,7 +205,8 @@ class ModelServer:
         try:
             source = await ship_reference(self.store.path_of(ref), label, self.monitor_reference, key=key,
                                           base_fingerprint=self.info.fingerprint, dtype=str(self.loaded.model.dtype),
-                                          dim=self.loaded.model.config.hidden_size)
+                                          dim=self.loaded.model.config.hidden_size,
+                                          noise=self.noise if self.monitoring else None)
         except ReferenceNotSet:
             return None
         self._references[key] = math.inf  # handed over, or there is none to hand over
@@ -382,7 +383,7 @@ class ModelServer:
                 self.quality.prompt_perplexity.labels(label).observe(math.exp(min(-prompt_logprob, 50.0)))
             self.shipper.add(Observation(
                 adapter=label, request_id=request_id, time=time.time(), features=features,
-                noise_score=noise.score if noise else 0.0, noise_reasons=noise.reasons if noise else (),
+                noise_score=noise.score if noise else None, noise_reasons=noise.reasons if noise else (),
                 prompt_tokens=len(ids), completion_tokens=len(logprobs), output_logprob=confidence,
                 prompt_logprob=prompt_logprob))
 

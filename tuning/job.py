@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ import torch
 from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import default_home
+from tsugiki.monitoring.noise import REASONS
+from tsugiki.monitoring.noise import signals as noise_signals
 from tsugiki.monitoring.reference import MIN_REFERENCE, prompt_features, write_reference
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.tuning.config import TuneConfig
@@ -224,9 +226,10 @@ def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *,
 
 # ---------------------------------------------------------------------------------------------- the job
 def drift_reference(cfg: TuneConfig, model: Any, tokenizer: Any, data: TuningData
-                    ) -> tuple[np.ndarray | None, dict[str, Any]]:
+                    ) -> tuple[tuple[np.ndarray, np.ndarray | None] | None, dict[str, Any]]:
     """The monitor's features of up to ``cfg.drift_reference`` training and validation prompts (a seeded
-    sample), computed with the finished adapter: the adapter's drift reference (monitoring/reference.py). None
+    sample), computed with the finished adapter, and their user text's raw noise signals (None for chats): the
+    adapter's drift reference (monitoring/reference.py). None
     (and the card says why) with fewer than MIN_REFERENCE distinct prompts: too few to calibrate a detector on,
     so the adapter's first requests will be its reference."""
     prompts = sorted({e.prompt for e in data.train + data.val})
@@ -237,10 +240,17 @@ def drift_reference(cfg: TuneConfig, model: Any, tokenizer: Any, data: TuningDat
     prompts = prompts[:cfg.drift_reference]
     t0 = time.time()
     feats = prompt_features(model, tokenizer, prompts, batch_size=cfg.eval_batch_size)
+    # the noise channel's reference: the raw noise signals of the text a replica scores (the user's words)
+    user_text = {e.prompt: e.text for e in data.train + data.val}
+    texts = [user_text[p] for p in prompts]
+    noise = None
+    if all(t is not None for t in texts):  # chats keep no user text apart: their noise reference is live traffic
+        noise = np.array([[sig[r] for r in REASONS] for sig in map(noise_signals, cast(list[str], texts))])
     record = {"prompts": len(prompts), "seconds": round(time.time() - t0, 2), "data_hash": data.data_hash,
-              "source": f"tuning data ({len(prompts)} prompts, data {data.data_hash[:12]})"}
+              "source": f"tuning data ({len(prompts)} prompts, data {data.data_hash[:12]})",
+              "noise_signals": noise is not None}
     log.info("drift reference: %d prompts in %.1f s", len(prompts), record["seconds"])
-    return feats, record
+    return (feats, noise), record
 
 
 def run_id(name: str, cfg: TuneConfig, data_hash: str) -> str:
@@ -325,8 +335,8 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         cfg_file.write_text(json.dumps(acfg, indent=1))
         (out / CARD_FILE).write_text(json.dumps(card, indent=1, default=str))
         if reference is not None and ref_record is not None:
-            write_reference(out, reference, base_fingerprint=loaded.info.fingerprint, dtype=str(model.dtype),
-                            source=ref_record["source"])
+            write_reference(out, reference[0], base_fingerprint=loaded.info.fingerprint, dtype=str(model.dtype),
+                            source=ref_record["source"], noise_signals=reference[1])
         (run_dir / "report.json").write_text(json.dumps(card, indent=1, default=str))
         if report.passed and not to_store:
             kept = run_dir / "candidate"

@@ -421,9 +421,18 @@ def drift_noise() -> dash.Dashboard:
                                   Q("max by (adapter) (tsugiki_drift_threshold)", "{{adapter}} threshold")], w=12)
                      .override_by_regexp(".* threshold", [model.DynamicConfigValue(
                          id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]})]))
+         .with_panel(_timeseries("Noise-score CUSUM vs threshold", "The second CUSUM of the drift detector: it "
+                                 "runs on the ranks of requests' noise scores against the reference's and alarms "
+                                 "when a share of the traffic turns noisy together (dense typos, code-switching). "
+                                 "Either CUSUM crossing its threshold raises the drift alarm.",
+                                 [Q("max by (adapter) (tsugiki_drift_noise_score)", "{{adapter}} score"),
+                                  Q("max by (adapter) (tsugiki_drift_noise_threshold)", "{{adapter}} threshold")],
+                                 w=12)
+                     .override_by_regexp(".* threshold", [model.DynamicConfigValue(
+                         id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]})]))
          .with_panel(_state_timeline("Drift alarm", "Whether each version's drift alarm is active (until reset).",
                                      Q("max by (adapter) (tsugiki_drift_alarm)", "{{adapter}}"),
-                                     [_value_map({"0": ("ok", "green"), "1": ("ALARM", "red")})]))
+                                     [_value_map({"0": ("ok", "green"), "1": ("ALARM", "red")})], w=8))
          .with_panel(_timeseries("Drift alarms raised", "Alarms raised per version since the monitor started: "
                                  "each step up is one alarm (a counter value, because increase() misses a "
                                  "version's first alarm).",
@@ -437,7 +446,8 @@ def drift_noise() -> dash.Dashboard:
                                  [Q(f"sum by (adapter) ({_rate('tsugiki_monitor_observations_total')})",
                                     "{{adapter}} processed"),
                                   Q(f"sum({_rate('tsugiki_monitor_observations_shipped_total')})", "shipped"),
-                                  Q(f"sum({_rate('tsugiki_monitor_observations_dropped_total')})", "dropped")])))
+                                  Q(f"sum({_rate('tsugiki_monitor_observations_dropped_total')})", "dropped")],
+                                 w=24)))
     d = (d.with_row(dash.Row("Noise and quality"))
          # fallback: no series until a request is flagged.
          .with_panel(_timeseries("Noisy requests by reason", "Flagged requests per second by reason.",

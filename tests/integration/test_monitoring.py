@@ -71,6 +71,9 @@ def test_drift_alarm_after_domain_shift(gateway_url: str) -> None:
     assert metric(gateway_url, "tsugiki_prompt_perplexity_sum", adapter=BASE) / n_ppl > 1.0
     status = httpx.get(f"{gateway_url}/v1/monitor/adapters/{BASE}", timeout=30).json()
     assert status["state"] == "monitoring" and status["requests_seen"] >= 50
+    # the replicas' noise scores reached the monitor: the first 100 made the noise channel's reference
+    assert status["noise_reference"] == "ready" and status["noise_threshold"] > 0
+    assert metric(gateway_url, "tsugiki_drift_noise_threshold", adapter=BASE) == status["noise_threshold"]
     _send(gateway_url, shifted)
     wait_for(lambda: metric(gateway_url, "tsugiki_drift_alarm", adapter=BASE) == 1.0)
     assert metric(gateway_url, "tsugiki_drift_alarms_total", adapter=BASE) >= 1

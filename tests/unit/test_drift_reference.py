@@ -18,13 +18,14 @@ from tsugiki.adapters.format import REFERENCE_FILE
 from tsugiki.config import ModelConfig, load_settings
 from tsugiki.monitoring.drift import DriftConfig
 from tsugiki.monitoring.monitor import Monitor, MonitorConfig
+from tsugiki.monitoring.noise import REASONS, NoiseDetector
 from tsugiki.monitoring.reference import FEATURES, read_reference, write_reference
 from tsugiki.serve.api import LocalClient, build_app
 from tsugiki.serve.base_model import load_base_model
 from tsugiki.serve.control import ControlPlane
 from tsugiki.serve.server import ModelServer
 from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
-from tsugiki.tuning.data import label_prompt
+from tsugiki.tuning.data import label_prompt, text_of_label_prompt
 from tsugiki.tuning.job import run_local
 
 TEXTS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
@@ -36,15 +37,17 @@ class Sink:
     """Records what reaches the monitor (the Ray deployment's ``set_reference`` in production)."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, np.ndarray, str, str]] = []
+        self.calls: list[tuple[str, np.ndarray, str, str, np.ndarray | None]] = []
 
-    async def __call__(self, label: str, features: np.ndarray, source: str, key: str) -> dict[str, Any]:
-        self.calls.append((label, np.asarray(features), source, key))
+    async def __call__(self, label: str, features: np.ndarray, source: str, key: str,
+                       noise: np.ndarray | None = None) -> dict[str, Any]:
+        self.calls.append((label, np.asarray(features), source, key, noise))
         return {}
 
 
 def _tuned(tiny_dir: Path, tmp_path: Path, n: int = 64) -> tuple[Path, list[str]]:
     texts = [f"{TEXTS[i % len(TEXTS)]} number {i}" for i in range(n)]
+    texts[5] = "bokk a flihgt to tokoy pls"  # one with typos: its noise score shows in the shipped reference
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": LABELS[i % len(LABELS)]}) + "\n"
                             for i, t in enumerate(texts)))
@@ -59,14 +62,25 @@ def _tuned(tiny_dir: Path, tmp_path: Path, n: int = 64) -> tuple[Path, list[str]
     return Path(res.path), [label_prompt(t) for t in texts]
 
 
+def texts_of(prompts: list[str]) -> list[str]:
+    return [t for t in map(text_of_label_prompt, prompts) if t is not None]
+
+
 def test_the_job_ships_the_features_the_engine_computes_and_loading_sets_the_reference(
         tiny_dir: Path, tmp_path: Path) -> None:
     adapter, prompts = _tuned(tiny_dir, tmp_path)
     fp = load_base_model(ModelConfig(base_model=str(tiny_dir)), progress=False).info.fingerprint
     found = read_reference(adapter, base_fingerprint=fp)
     assert found is not None
-    shipped, source = found
+    shipped, source, signals = found
     assert shipped.shape[0] == len(prompts) and source.startswith("tuning data (64 prompts")
+    # the noise channel's reference: the raw noise signals of each prompt's user text, scored by the replica
+    detector = NoiseDetector()
+    expected = {label_prompt(t): detector.score(t).score for t in texts_of(prompts)}
+    assert signals is not None and set(signals) == set(REASONS)
+    scores = found.noise_scores(detector)
+    assert scores is not None and max(expected.values()) > 1  # the typo-ridden one (stored as float32)
+    assert np.allclose(sorted(scores), sorted(expected.values()), atol=1e-6)
 
     observed: list[dict[str, Any]] = []
 
@@ -83,6 +97,7 @@ def test_the_job_ships_the_features_the_engine_computes_and_loading_sets_the_ref
             assert r.status_code in (200, 201), r.text
             assert r.json()["drift_reference"] == source
             assert [c[0] for c in sink.calls] == ["intent"] and np.array_equal(sink.calls[0][1], shipped)
+            assert np.array_equal(sink.calls[0][4], scores)  # with the prompts' noise scores
             assert sink.calls[0][3].startswith("intent@v1:")
             for p in prompts[:6]:
                 assert client.post("/v1/completions", json={"model": "intent", "prompt": p,
@@ -114,6 +129,10 @@ def test_a_reference_for_another_base_model_or_feature_definition_is_ignored(
     write_reference(tmp_path, feats, base_fingerprint="base-a", dtype="torch.float32", source="tuning data")
     got = read_reference(tmp_path, base_fingerprint="base-a", dtype="torch.float32", dim=8)
     assert got is not None and np.array_equal(got[0], feats) and got[1] == "tuning data"
+    assert got.noise_signals is None and got.noise_scores(NoiseDetector()) is None  # written without them
+    with pytest.raises(ValueError, match="noise signals of shape"):
+        write_reference(tmp_path / "x", feats, base_fingerprint="base-a", dtype="torch.float32", source="s",
+                        noise_signals=np.zeros((3, len(REASONS))))
     with caplog.at_level(logging.WARNING, logger="tsugiki.monitoring.reference"):
         assert read_reference(tmp_path, base_fingerprint="base-b") is None
         assert read_reference(tmp_path, base_fingerprint="base-a", dim=16) is None
@@ -174,10 +193,11 @@ def test_an_alias_version_hands_its_reference_over_on_first_use_and_retries_a_mo
     down = [True]
 
     class Flaky(Sink):
-        async def __call__(self, label: str, features: np.ndarray, source: str, key: str) -> dict[str, Any]:
+        async def __call__(self, label: str, features: np.ndarray, source: str, key: str,
+                           noise: np.ndarray | None = None) -> dict[str, Any]:
             if down[0]:
                 raise ConnectionError("monitor restarting")
-            return await super().__call__(label, features, source, key)
+            return await super().__call__(label, features, source, key, noise)
 
     sink = Flaky()
     server = ModelServer(settings, loaded=loaded, monitor_reference=sink, control=plane)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tsugiki.monitoring.drift import (
     DriftDetector,
     ReferenceProfile,
     cusum_threshold,
+    noise_z,
 )
 from tsugiki.monitoring.monitor import FeatureShipper, Monitor, MonitorConfig, Observation
 from tsugiki.monitoring.noise import REASONS, NoiseDetector
@@ -139,6 +141,79 @@ def test_detector_calibration_no_drift_and_detection_under_shift() -> None:
     assert res.alarms and res.alarms[0] < 50
 
 
+def _noise_scores(rng: np.random.Generator, n: int, noisy: float = 0.0) -> np.ndarray:
+    """Clean traffic's noise scores as measured on CLINC150 (most exactly 0, a tail), with a share ``noisy`` of
+    typo-ridden requests (scores around 0.5-1.5)."""
+    s = np.where(rng.random(n) < 0.63, 0.0, rng.exponential(0.25, n))
+    hit = rng.random(n) < noisy
+    s[hit] = rng.uniform(0.5, 1.5, int(hit.sum()))
+    return s
+
+
+def test_noise_channel_ranks_are_exactly_calibrated_despite_ties_and_its_run_length_holds() -> None:
+    r = np.random.default_rng(0)
+    ref = np.sort(_noise_scores(r, 1000))
+    z = noise_z(ref, _noise_scores(r, 20_000), r)
+    # randomised ranks: N(0, 1) although 63% of the scores tie at 0 (mid-ranks would put them all at -0.5)
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05 and abs(np.mean(z > 1.645) - 0.05) < 0.01
+    cfg = DriftConfig(ert=1000, noise_share=0.5, reference_size=400)  # the noise CUSUM's ERT: 2000
+    h, k = cfg.noise_threshold(400), cfg.noise_allowance
+    lengths = []
+    for seed in range(300):
+        rs = np.random.default_rng(seed)
+        ref = np.sort(_noise_scores(rs, 400))  # a fresh reference each time: 'references' averages over them
+        zs, s, t = noise_z(ref, _noise_scores(rs, 40_000), rs), 0.0, 0
+        while t < len(zs):
+            s = max(0.0, s + zs[t] - k)
+            t += 1
+            if s > h:
+                break
+        lengths.append(t)
+    # 300 runs: the mean's standard error is ~6% of it
+    assert 0.8 * 2000 < np.mean(lengths) < 1.25 * 2000, np.mean(lengths)
+
+
+def test_dense_noise_raises_the_noise_channel_and_its_reference_comes_from_first_requests(tmp_path: Path) -> None:
+    cfg = DriftConfig(ert=500, reference_size=200, n_components=8)
+    r = np.random.default_rng(11)
+    det = DriftDetector(config=cfg)
+    det.set_reference(_gauss(r, 200), _noise_scores(r, 200))
+    assert det.noise_ready
+    quiet = det.update(_gauss(r, 300), _noise_scores(r, 300))
+    assert not quiet.alarms and np.isfinite(quiet.z_noise).all()
+    res = det.update(_gauss(r, 300), _noise_scores(r, 300, noisy=0.3))  # features unchanged, 30% typo-ridden
+    assert res.alarms and res.channels[0] == "noise" and res.alarms[0] < 100, (res.alarms, res.channels)
+    off = DriftDetector(config=cfg.model_copy(update={"noise_share": 0.0}), profile=det.profile)
+    assert not off.update(_gauss(r, 300), _noise_scores(r, 300, noisy=0.3)).alarms
+    # no noise scores with the reference: the first requests that carry one become it; unscored rows (NaN) and
+    # rows without any noise argument skip the noise channel and still feed the feature CUSUM
+    late = DriftDetector(config=cfg)
+    late.set_reference(_gauss(r, 200))
+    assert not late.noise_ready
+    scores = _noise_scores(r, 150)
+    scores[::10] = np.nan
+    res = late.update(_gauss(r, 150), scores)
+    assert len(res.z) == 150 and np.isnan(res.z_noise).all() and not late.noise_ready
+    late.update(_gauss(r, 50))
+    res = late.update(_gauss(r, 100), _noise_scores(r, 100))
+    assert late.noise_ready and len(late.noise_reference) == 200 and np.isfinite(res.z_noise[-35:]).all()
+    assert np.isnan(res.z_noise[:65]).all()  # 135 scored rows before: 65 more completed the reference
+    with pytest.raises(ValueError, match="noise scores for"):
+        late.update(_gauss(r, 3), np.zeros(2))
+    # state round trip, noise CUSUM included; a state saved before the noise channel collects its reference
+    late.update(_gauss(r, 20), _noise_scores(r, 20, noisy=0.5))
+    scalars, arrays = late.state_dict()
+    back = DriftDetector.from_state(scalars, arrays)
+    assert back.noise_statistic == late.noise_statistic > 0 and np.array_equal(back.noise_reference,
+                                                                              late.noise_reference)
+    probe, noise = _gauss(r, 30), _noise_scores(r, 30)
+    a, b = late.update(probe, noise), back.update(probe, noise)
+    assert np.allclose(a.z_noise, b.z_noise) and late.noise_statistic == back.noise_statistic
+    del arrays["noise_reference"], scalars["noise_statistic"]
+    old = DriftDetector.from_state(scalars, arrays)
+    assert not old.noise_ready and old.noise_statistic == 0.0
+
+
 def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> None:
     # Every request moves a little in one common direction (|shift| = 0.8 sd over 4 of 16 dimensions): each still
     # looks ordinary (novelty ~0), which the novelty CUSUM alone is slow to see; the mean-shift score sees it.
@@ -173,7 +248,12 @@ def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> No
 
 
 def test_mean_shift_rate_settings_and_state_saved_before_it() -> None:
-    assert DriftConfig(mean_shift_rate=0).threshold(500) == pytest.approx(cusum_threshold(0.15, 10_000, 500))
+    assert DriftConfig(mean_shift_rate=0, noise_share=0).threshold(500) == pytest.approx(
+        cusum_threshold(0.15, 10_000, 500))
+    # the noise CUSUM takes its share of the false-alarm budget; the feature CUSUM runs at the rest
+    assert DriftConfig(mean_shift_rate=0).threshold(500) == pytest.approx(cusum_threshold(0.15, 10_000 / 0.9, 500))
+    assert DriftConfig().noise_threshold(1000) == pytest.approx(cusum_threshold(0.3, 100_000, 1000))
+    assert DriftConfig(noise_share=0).noise_threshold(1000) == math.inf
     for bad in (0.001, 0.6, -0.1):
         with pytest.raises(ValueError):
             DriftConfig(mean_shift_rate=bad)
@@ -231,7 +311,8 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     assert fired >= 1
     ev = mon.events("intent")[0]
     # the default threshold, from the 100 calibration points of a 200-request reference (DriftConfig.threshold)
-    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(cusum_threshold(0.15, 1000, 200, 1 + 2 / 5))
+    assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(
+        cusum_threshold(0.15, 1000 / 0.9, 200, 1 + 2 / 5))
     assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
     assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
     assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
@@ -256,7 +337,7 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
                                                                                     "mean_shift_rate": 0.0})}))
     st = quieter.status("intent")
     assert st["config"]["ert"] == 5000 and st["config"]["mean_shift_rate"] == 0.0 and st["state"] == "monitoring"
-    assert st["threshold"] == pytest.approx(cusum_threshold(0.15, 5000, 100))  # novelty alone: n, variance 1
+    assert st["threshold"] == pytest.approx(cusum_threshold(0.15, 5000 / 0.9, 100))  # novelty alone: n, variance 1
     # saved settings this version refuses (an older release allowed mean_shift_rate up to 1) or no longer has do not
     # stop the monitor starting: the state loads under today's settings; a state missing its arrays is skipped
     import json
@@ -308,3 +389,27 @@ def test_per_adapter_settings_override_defaults(tmp_path: Path) -> None:
     assert mon.status("quiet")["state"] == "no traffic yet"
     assert mon.status("strict")["config"]["ert"] == 100 and mon.status("strict")["requests_seen"] == 20
     assert mon.status("other")["requests_seen"] == 30
+
+
+def test_monitor_raises_a_noise_alarm_with_its_own_event_and_metrics(tmp_path: Path) -> None:
+    mon = Monitor(MonitorConfig(state_dir=tmp_path, drift=DriftConfig(ert=500, reference_size=200, n_components=8),
+                                save_interval_s=0))
+    r = np.random.default_rng(12)
+
+    def obs(x: np.ndarray, noise: np.ndarray, start: int) -> list[Observation]:
+        return [Observation(adapter="intent", request_id=f"r{start + i}", time=0.0, features=row,
+                            noise_score=float(s)) for i, (row, s) in enumerate(zip(x, noise))]
+
+    mon.set_reference("intent", _gauss(r, 200), "tuning data", noise=_noise_scores(r, 200))
+    assert mon.status("intent")["noise_reference"] == "ready"
+    assert mon.observe(obs(_gauss(r, 200), _noise_scores(r, 200), 0)) == 0
+    assert mon.observe(obs(_gauss(r, 200), _noise_scores(r, 200, noisy=0.3), 200)) >= 1
+    ev = mon.events("intent")[0]
+    assert ev["statistic"] == "cusum_noise_score_rank" and ev["threshold"] == pytest.approx(
+        cusum_threshold(0.3, 500 / 0.1, 200))
+    assert ev["window"]["mean_noise_z"] > 0.2 and len(ev["example_request_ids"]) == 5
+    assert mon.registry.get_sample_value("tsugiki_drift_noise_threshold", {"adapter": "intent"}) == ev["threshold"]
+    assert mon.registry.get_sample_value("tsugiki_drift_noise_score", {"adapter": "intent"}) is not None
+    # unscored requests (no user text) skip the noise channel; acknowledging restarts both CUSUMs
+    mon.observe([Observation(adapter="intent", request_id="x", time=0.0, features=_gauss(r, 1)[0])])
+    assert mon.reset("intent")["noise_statistic"] == 0.0
