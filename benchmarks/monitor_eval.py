@@ -212,8 +212,9 @@ def main() -> None:
     cmp_delays: dict[str, list[float]] = {}
     run_lengths, cmp_run_lengths = [], []
     saved = []
-    log(f"drift: {args.seeds} seeds, ert_over={args.ert_over}, ERT {cfg.ert:g} (h={cfg.threshold(n_cal):.2f}), "
-        f"comparison ERT {args.compare_ert:g} (h={cfg_cmp.threshold(n_cal):.2f}), k={cfg.allowance}, "
+    h, h_cmp = cfg.thresholds(n_cal, cfg.reference_size), cfg_cmp.thresholds(n_cal, cfg.reference_size)
+    log(f"drift: {args.seeds} seeds, ert_over={args.ert_over}, ERT {cfg.ert:g} (h={h[0]:.2f}, noise {h[1]:.2f}), "
+        f"comparison ERT {args.compare_ert:g} (h={h_cmp[0]:.2f}, noise {h_cmp[1]:.2f}), k={cfg.allowance}, "
         f"mean_shift_rate={cfg.mean_shift_rate}, noise_share={cfg.noise_share}")
     t0 = time.time()
     for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -230,7 +230,8 @@ class Monitor:
         return {"adapter": adapter, "state": "alarm" if st.alarm else ("monitoring" if det.ready else "collecting "
                                                                          "reference"),
                 "alarm": st.alarm, "statistic": det.statistic, "threshold": det.threshold,
-                "noise_statistic": det.noise_statistic, "noise_threshold": det.noise_threshold,
+                "noise_statistic": det.noise_statistic,  # the threshold is infinite with the noise CUSUM off: JSON null
+                "noise_threshold": det.noise_threshold if math.isfinite(det.noise_threshold) else None,
                 "noise_reference": ("ready" if det.noise_ready else "off" if det.config.noise_share <= 0
                                     else f"collecting ({sum(len(p) for p in det.noise_pending)} scored requests)"),
                 "requests_seen": det.seen, "alarms": det.alarms,

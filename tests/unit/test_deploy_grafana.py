@@ -42,7 +42,8 @@ COUNTERS = {
 }
 GAUGES = {
     "tsugiki_queue_depth", "tsugiki_running_sequences", "tsugiki_adapters_loaded", "tsugiki_drift_score",
-    "tsugiki_drift_threshold", "tsugiki_drift_noise_score", "tsugiki_drift_noise_threshold", "tsugiki_drift_alarm", "tsugiki_drift_reference_ready", "tsugiki_rollout_weight",
+    "tsugiki_drift_threshold", "tsugiki_drift_noise_score", "tsugiki_drift_noise_threshold", "tsugiki_drift_alarm",
+    "tsugiki_drift_reference_ready", "tsugiki_rollout_weight",
     "tsugiki_rollout_shadow_share", "tsugiki_rollout_stage",
 }
 # Series names a query may use: the samples of the families above, and Prometheus's own.

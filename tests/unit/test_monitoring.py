@@ -16,8 +16,10 @@ from tsugiki.monitoring.drift import (
     DriftConfig,
     DriftDetector,
     ReferenceProfile,
+    cusum_arl,
     cusum_threshold,
     noise_z,
+    split_thresholds,
 )
 from tsugiki.monitoring.monitor import FeatureShipper, Monitor, MonitorConfig, Observation
 from tsugiki.monitoring.noise import REASONS, NoiseDetector
@@ -156,8 +158,8 @@ def test_noise_channel_ranks_are_exactly_calibrated_despite_ties_and_its_run_len
     z = noise_z(ref, _noise_scores(r, 20_000), r)
     # randomised ranks: N(0, 1) although 63% of the scores tie at 0 (mid-ranks would put them all at -0.5)
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05 and abs(np.mean(z > 1.645) - 0.05) < 0.01
-    cfg = DriftConfig(ert=1000, noise_share=0.5, reference_size=400)  # the noise CUSUM's ERT: 2000
-    h, k = cfg.noise_threshold(400), cfg.noise_allowance
+    # the noise CUSUM's building block: its threshold for an ERT of 2000, averaged over 400-score references
+    h, k = cusum_threshold(DriftConfig().noise_allowance, 2000, 400), DriftConfig().noise_allowance
     lengths = []
     for seed in range(300):
         rs = np.random.default_rng(seed)
@@ -248,12 +250,29 @@ def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> No
 
 
 def test_mean_shift_rate_settings_and_state_saved_before_it() -> None:
-    assert DriftConfig(mean_shift_rate=0, noise_share=0).threshold(500) == pytest.approx(
-        cusum_threshold(0.15, 10_000, 500))
-    # the noise CUSUM takes its share of the false-alarm budget; the feature CUSUM runs at the rest
-    assert DriftConfig(mean_shift_rate=0).threshold(500) == pytest.approx(cusum_threshold(0.15, 10_000 / 0.9, 500))
-    assert DriftConfig().noise_threshold(1000) == pytest.approx(cusum_threshold(0.3, 100_000, 1000))
-    assert DriftConfig(noise_share=0).noise_threshold(1000) == math.inf
+    assert DriftConfig(mean_shift_rate=0, noise_share=0).thresholds(500, 1000) == (
+        pytest.approx(cusum_threshold(0.15, 10_000, 500)), math.inf)
+    # the noise CUSUM takes its share of the false-alarm budget; the feature CUSUM runs at the rest, exactly so
+    # for one reference ('stream')
+    stream = DriftConfig(mean_shift_rate=0, ert_over="stream")
+    assert stream.thresholds(500, 1000) == (pytest.approx(cusum_threshold(0.15, 10_000 / 0.9)),
+                                            pytest.approx(cusum_threshold(0.3, 100_000)))
+    # averaged over references both ERTs grow by one factor until the union's averaged run length is the ERT
+    cfg = DriftConfig(mean_shift_rate=0)
+    h, h_noise = cfg.thresholds(500, 1000)
+    plain = cusum_threshold(0.15, 10_000 / 0.9, 500), cusum_threshold(0.3, 100_000, 1000)
+    assert h > plain[0] and h_noise > plain[1]
+    nodes, w = np.polynomial.hermite_e.hermegauss(40)
+    w = w / w.sum()
+    a = np.array([cusum_arl(0.15, h, x / math.sqrt(500)) for x in nodes])
+    b = np.array([cusum_arl(0.3, h_noise, x / math.sqrt(1000)) for x in nodes])
+    assert (w[:, None] * w[None, :] / (1 / a[:, None] + 1 / b[None, :])).sum() == pytest.approx(10_000, rel=1e-3)
+    # by one factor: each CUSUM's own averaged run length is its share's ERT times the same factor (> 1)
+    nodes60, w60 = np.polynomial.hermite_e.hermegauss(60)
+    w60 = w60 / w60.sum()
+    own_a = sum(wi * cusum_arl(0.15, h, x / math.sqrt(500)) for x, wi in zip(nodes60, w60)) / (10_000 / 0.9)
+    own_b = sum(wi * cusum_arl(0.3, h_noise, x / math.sqrt(1000)) for x, wi in zip(nodes60, w60)) / (10_000 / 0.1)
+    assert own_a == pytest.approx(own_b, rel=1e-3) and 1.05 < own_a < 2
     for bad in (0.001, 0.6, -0.1):
         with pytest.raises(ValueError):
             DriftConfig(mean_shift_rate=bad)
@@ -312,7 +331,7 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     ev = mon.events("intent")[0]
     # the default threshold, from the 100 calibration points of a 200-request reference (DriftConfig.threshold)
     assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(
-        cusum_threshold(0.15, 1000 / 0.9, 200, 1 + 2 / 5))
+        DriftConfig(ert=1000).thresholds(100, 200)[0])
     assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
     assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
     assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
@@ -337,7 +356,8 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
                                                                                     "mean_shift_rate": 0.0})}))
     st = quieter.status("intent")
     assert st["config"]["ert"] == 5000 and st["config"]["mean_shift_rate"] == 0.0 and st["state"] == "monitoring"
-    assert st["threshold"] == pytest.approx(cusum_threshold(0.15, 5000 / 0.9, 100))  # novelty alone: n, variance 1
+    assert st["threshold"] == pytest.approx(split_thresholds(0.15, 0.3, 5000, 0.1, 100, 1.0, 200)[0])  # novelty
+    # alone: the bias of n calibration points, variance 1
     # saved settings this version refuses (an older release allowed mean_shift_rate up to 1) or no longer has do not
     # stop the monitor starting: the state loads under today's settings; a state missing its arrays is skipped
     import json
@@ -406,10 +426,18 @@ def test_monitor_raises_a_noise_alarm_with_its_own_event_and_metrics(tmp_path: P
     assert mon.observe(obs(_gauss(r, 200), _noise_scores(r, 200, noisy=0.3), 200)) >= 1
     ev = mon.events("intent")[0]
     assert ev["statistic"] == "cusum_noise_score_rank" and ev["threshold"] == pytest.approx(
-        cusum_threshold(0.3, 500 / 0.1, 200))
+        DriftConfig(ert=500).thresholds(100, 200)[1])
     assert ev["window"]["mean_noise_z"] > 0.2 and len(ev["example_request_ids"]) == 5
     assert mon.registry.get_sample_value("tsugiki_drift_noise_threshold", {"adapter": "intent"}) == ev["threshold"]
     assert mon.registry.get_sample_value("tsugiki_drift_noise_score", {"adapter": "intent"}) is not None
     # unscored requests (no user text) skip the noise channel; acknowledging restarts both CUSUMs
     mon.observe([Observation(adapter="intent", request_id="x", time=0.0, features=_gauss(r, 1)[0])])
     assert mon.reset("intent")["noise_statistic"] == 0.0
+    # with the noise CUSUM off its threshold is infinite: the status stays valid JSON (the API refuses NaN and inf)
+    import json
+
+    off = Monitor(MonitorConfig(state_dir=tmp_path / "off", drift=DriftConfig(noise_share=0, reference_size=50)))
+    off.observe(obs(_gauss(r, 60), _noise_scores(r, 60), 0))
+    st = off.status("intent")
+    assert st["noise_threshold"] is None and st["noise_reference"] == "off"
+    json.dumps(st, allow_nan=False)
