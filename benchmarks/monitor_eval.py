@@ -193,7 +193,7 @@ def main() -> None:
                    for fam in ("typos", "mojibake", "random_unicode", "code_switch")}
     all_texts = texts + [t for fam in noisy_texts for t in noisy_texts[fam]]
     feats = extract_features(all_texts, args.out)
-    scores = np.array([det.score(t).score for t in all_texts])  # what each request's replica ships
+    scores = np.array([det.score(t).text_score for t in all_texts])  # what each request's replica ships
     n_in, n_oos = len(inscope), len(oos)
     f_in, f_oos = feats[:n_in], feats[n_in:n_in + n_oos]
     s_in, s_oos = scores[:n_in], scores[n_in:n_in + n_oos]

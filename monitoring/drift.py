@@ -1,4 +1,4 @@
-"""Online drift detection: two calibrated scores per request and a CUSUM over their sum.
+"""Online drift detection: calibrated scores per request and two CUSUMs, on the features and on noise.
 
 How it works, per adapter:
 
@@ -30,14 +30,17 @@ How it works, per adapter:
    the replicas compute anyway) moves a lot. A second CUSUM runs on ``z_noise``, ``Phi^-1`` of the request's
    noise score's rank among the reference requests' noise scores, with ties broken at random (most clean
    requests score exactly 0; the randomised rank is exactly uniform under no drift, so ``z_noise`` is exactly
-   N(0, 1)). Either CUSUM crossing its threshold is an alarm. The false-alarm budget ``1/ERT`` is split:
-   ``noise_share`` of it to the noise CUSUM (its ERT is ``ERT / noise_share``), the rest to the feature CUSUM
-   (``ERT / (1 - noise_share)``), so the union still alarms once per ERT requests with no drift. The noise
-   reference comes with the feature reference when the adapter's tuning data gave one, otherwise from the first
-   ``reference_size`` requests that carry a noise score.
+   N(0, 1); the score is the text's alone, ``over_length`` left out, since reference prompts carry no token
+   counts). Either CUSUM crossing its threshold is an alarm, reported as the feature CUSUM's when both cross on
+   the same request, and restarts both. The false-alarm budget ``1/ERT`` is split: ``noise_share`` of it to the
+   noise CUSUM, the rest to the feature CUSUM, both scaled so the union still alarms once per ERT requests with
+   no drift (:meth:`DriftConfig.thresholds`). The noise reference comes with the feature reference when the
+   adapter's tuning data gave one, otherwise from the first ``reference_size`` requests that carry a noise
+   score; until it exists the feature CUSUM has the whole budget (requests without a noise score, such as
+   token-list prompts, never feed the noise CUSUM).
 
-State to save (:meth:`DriftDetector.state_dict`) is named explicitly: the profile arrays, the live mean and the
-CUSUM scalars.
+State to save (:meth:`DriftDetector.state_dict`) is named explicitly: the profile arrays, the live mean, the
+noise reference (or the noise scores collected for it) and both CUSUMs' scalars.
 """
 
 from __future__ import annotations
@@ -377,8 +380,9 @@ class DriftDetector:
     def _thresholds(self) -> tuple[float, float]:
         n = self.config.reference_size
         n_cal = len(self.profile.calibration) if self.profile is not None else n - n // 2  # the neighbour half
-        n_noise = len(self.noise_reference) if self.noise_reference is not None else n
-        return self.config.thresholds(n_cal, n_noise)
+        if self.noise_reference is None:  # no noise CUSUM running (yet): the feature CUSUM has the whole budget
+            return self.config.model_copy(update={"noise_share": 0.0}).thresholds(n_cal, n)
+        return self.config.thresholds(n_cal, len(self.noise_reference))
 
     @property
     def threshold(self) -> float:
@@ -441,7 +445,8 @@ class DriftDetector:
         scored = np.flatnonzero(np.isfinite(noise))
         start = 0
         if self.noise_reference is None:
-            need = self.config.reference_size - sum(len(p) for p in self.noise_pending)
+            # (never negative: state saved under a larger reference_size may be loaded under a smaller one)
+            need = max(0, self.config.reference_size - sum(len(p) for p in self.noise_pending))
             self.noise_pending.append(noise[scored[:need]])
             if need > len(scored):
                 return zn
@@ -460,7 +465,7 @@ class DriftDetector:
         zn = self._noise_scores(noise, len(x))
         offset = 0
         if self.profile is None:
-            need = self.config.reference_size - sum(len(p) for p in self.pending)
+            need = max(0, self.config.reference_size - sum(len(p) for p in self.pending))
             self.pending.append(x[:need])
             if need > len(x):
                 offset = len(x)

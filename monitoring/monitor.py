@@ -45,7 +45,9 @@ class Observation:
     request_id: str
     time: float
     features: np.ndarray | None
-    noise_score: float | None = None  # None: not scored (no user text, or noise scoring off)
+    # the user text's noise score without over_length (NoiseReport.text_score), which the drift detector's noise
+    # CUSUM ranks; None: not scored (no user text, or noise scoring off)
+    noise_score: float | None = None
     noise_reasons: tuple[str, ...] = ()
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -114,7 +116,9 @@ class Monitor:
         self.metrics.score.labels(adapter).set(det.statistic)
         self.metrics.threshold.labels(adapter).set(det.threshold)
         self.metrics.noise_score.labels(adapter).set(det.noise_statistic)
-        self.metrics.noise_threshold.labels(adapter).set(det.noise_threshold)
+        # NaN (no threshold) while the noise CUSUM is off or collecting its reference: a gap in the panel
+        hn = det.noise_threshold
+        self.metrics.noise_threshold.labels(adapter).set(hn if math.isfinite(hn) else math.nan)
         self.metrics.alarm.labels(adapter).set(1.0 if st.alarm else 0.0)
         collected = sum(len(p) for p in det.pending)
         self.metrics.reference.labels(adapter).set(1.0 if det.ready else collected / det.config.reference_size)
@@ -232,7 +236,7 @@ class Monitor:
                 "alarm": st.alarm, "statistic": det.statistic, "threshold": det.threshold,
                 "noise_statistic": det.noise_statistic,  # the threshold is infinite with the noise CUSUM off: JSON null
                 "noise_threshold": det.noise_threshold if math.isfinite(det.noise_threshold) else None,
-                "noise_reference": ("ready" if det.noise_ready else "off" if det.config.noise_share <= 0
+                "noise_reference": ("off" if det.config.noise_share <= 0 else "ready" if det.noise_ready
                                     else f"collecting ({sum(len(p) for p in det.noise_pending)} scored requests)"),
                 "requests_seen": det.seen, "alarms": det.alarms,
                 "reference_collected": det.config.reference_size if det.ready else sum(len(p) for p in det.pending),

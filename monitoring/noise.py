@@ -107,6 +107,9 @@ class NoiseReport:
     score: float
     reasons: tuple[str, ...]
     signals: dict[str, float] = field(default_factory=dict)
+    # the score of the text alone (``over_length`` left out): what the drift detector's noise CUSUM ranks, so
+    # live requests (whose token counts the replica knows) and reference prompts (whose it does not) compare
+    text_score: float = 0.0
 
     @property
     def flagged(self) -> bool:
@@ -191,7 +194,8 @@ class NoiseDetector:
         sig = {r: float(sig.get(r, 0.0)) for r in REASONS}
         ratios = {r: sig[r] / self.thresholds[r] for r in REASONS}
         fired = tuple(r for r in REASONS if ratios[r] >= 1.0)
-        return NoiseReport(score=max(ratios.values()), reasons=fired, signals=sig)
+        return NoiseReport(score=max(ratios.values()), reasons=fired, signals=sig,
+                           text_score=max(v for r, v in ratios.items() if r != "over_length"))
 
     @staticmethod
     def calibrate(clean_texts: list[str], *, false_positive_rate: float = 0.01) -> dict[str, float]:

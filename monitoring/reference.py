@@ -1,4 +1,4 @@
-"""Drift references shipped inside adapter directories.
+"""Drift references (features and noise signals) shipped inside adapter directories.
 
 The issue's rule: an adapter's drift reference is built from its tuning data when it has some, otherwise from its
 first requests. The tuning job writes ``drift_reference.safetensors`` next to the adapter: the monitor's features
@@ -91,11 +91,12 @@ class ShippedReference(NamedTuple):
     noise_signals: dict[str, np.ndarray] | None  # reason -> one raw signal per prompt; None: not shipped
 
     def noise_scores(self, detector: NoiseDetector) -> np.ndarray | None:
-        """The prompts' noise scores under ``detector``'s thresholds (what live requests are scored with)."""
+        """The prompts' text noise scores under ``detector``'s thresholds (:attr:`NoiseReport.text_score`, as
+        live requests are scored for the drift detector)."""
         if self.noise_signals is None:
             return None
         n = len(self.features)
-        return np.array([detector.judge({r: float(v[i]) for r, v in self.noise_signals.items()}).score
+        return np.array([detector.judge({r: float(v[i]) for r, v in self.noise_signals.items()}).text_score
                          for i in range(n)])
 
 

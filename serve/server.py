@@ -109,9 +109,10 @@ class ModelServer:
         progress: show a progress bar if the default model must be converted.
         registry: Prometheus registry for engine metrics (a fresh one by default).
         monitor_sink: ``await monitor_sink(observations)``: where drift features and noise flags go.
-        monitor_reference: ``await monitor_reference(label, features, source, key)``: sets an adapter's drift
-            reference from the features its directory ships (when it is loaded through the API, and when a
-            version is first used on this replica; see monitoring/reference.py).
+        monitor_reference: ``await monitor_reference(label, features, source, key, noise)``: sets an adapter's
+            drift reference from the features (and the noise scores of the prompts) its directory ships (when it
+            is loaded through the API, and when a version is first used on this replica; see
+            monitoring/reference.py).
         control: the control plane (aliases, outcomes); None serves without aliases.
     """
 
@@ -383,7 +384,7 @@ class ModelServer:
                 self.quality.prompt_perplexity.labels(label).observe(math.exp(min(-prompt_logprob, 50.0)))
             self.shipper.add(Observation(
                 adapter=label, request_id=request_id, time=time.time(), features=features,
-                noise_score=noise.score if noise else None, noise_reasons=noise.reasons if noise else (),
+                noise_score=noise.text_score if noise else None, noise_reasons=noise.reasons if noise else (),
                 prompt_tokens=len(ids), completion_tokens=len(logprobs), output_logprob=confidence,
                 prompt_logprob=prompt_logprob))
 

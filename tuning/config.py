@@ -121,8 +121,9 @@ class TuneConfig(_Frozen):
     checkpoint_every: int = Field(default=50, gt=0, description="Steps between resumable checkpoints.")
     eval_batch_size: int = Field(default=32, gt=0)
     max_eval_examples: int = Field(default=400, gt=0, description="Validation examples scored per check.")
-    drift_reference: int = Field(default=500, ge=0, description="Training prompts whose monitor features ship "
-                                                                "with a passing adapter as its drift reference "
+    drift_reference: int = Field(default=500, ge=0, description="Training prompts whose monitor features (and "
+                                                                "noise signals) ship with a passing adapter as "
+                                                                "its drift reference "
                                                                 "(monitoring/reference.py; at least 50 distinct "
                                                                 "prompts); 0: none, the adapter's first requests "
                                                                 "become its reference.")

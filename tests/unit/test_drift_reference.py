@@ -114,13 +114,16 @@ def test_the_job_ships_the_features_the_engine_computes_and_loading_sets_the_ref
             assert sink.calls[1][3].startswith(f"{other.key}:")
     finally:
         server.shutdown()
-    # each served request's features (the engine, the adapter at its chosen strength) is one shipped row
+    # each served request's features (the engine, the adapter at its chosen strength) is one shipped row, and
+    # the noise score the replica ships for it is the one the reference holds for that prompt (the replica
+    # knows the prompt's token count, the reference does not: the drift channel's score leaves it out)
     served = [o for o in observed if o["adapter"] == "intent"]
     assert len(served) == 6
     for obs in served:
         live = np.asarray(obs["features"], dtype=np.float32)
-        nearest = np.abs(shipped - live[None, :]).max(1).min()
-        assert nearest < 1e-4 * max(1.0, float(np.abs(live).max())), nearest
+        gap = np.abs(shipped - live[None, :]).max(1)
+        assert gap.min() < 1e-4 * max(1.0, float(np.abs(live).max())), gap.min()
+        assert obs["noise_score"] == pytest.approx(scores[int(gap.argmin())], abs=1e-6)
 
 
 def test_a_reference_for_another_base_model_or_feature_definition_is_ignored(

@@ -19,7 +19,6 @@ from tsugiki.monitoring.drift import (
     cusum_arl,
     cusum_threshold,
     noise_z,
-    split_thresholds,
 )
 from tsugiki.monitoring.monitor import FeatureShipper, Monitor, MonitorConfig, Observation
 from tsugiki.monitoring.noise import REASONS, NoiseDetector
@@ -191,7 +190,9 @@ def test_dense_noise_raises_the_noise_channel_and_its_reference_comes_from_first
     # rows without any noise argument skip the noise channel and still feed the feature CUSUM
     late = DriftDetector(config=cfg)
     late.set_reference(_gauss(r, 200))
-    assert not late.noise_ready
+    # until a noise CUSUM runs, the feature CUSUM has the whole false-alarm budget
+    alone = DriftConfig(ert=500, noise_share=0).thresholds(100, 200)
+    assert not late.noise_ready and late.threshold == alone[0] and late.noise_threshold == math.inf
     scores = _noise_scores(r, 150)
     scores[::10] = np.nan
     res = late.update(_gauss(r, 150), scores)
@@ -199,6 +200,7 @@ def test_dense_noise_raises_the_noise_channel_and_its_reference_comes_from_first
     late.update(_gauss(r, 50))
     res = late.update(_gauss(r, 100), _noise_scores(r, 100))
     assert late.noise_ready and len(late.noise_reference) == 200 and np.isfinite(res.z_noise[-35:]).all()
+    assert late.threshold > alone[0] and math.isfinite(late.noise_threshold)
     assert np.isnan(res.z_noise[:65]).all()  # 135 scored rows before: 65 more completed the reference
     with pytest.raises(ValueError, match="noise scores for"):
         late.update(_gauss(r, 3), np.zeros(2))
@@ -214,6 +216,14 @@ def test_dense_noise_raises_the_noise_channel_and_its_reference_comes_from_first
     del arrays["noise_reference"], scalars["noise_statistic"]
     old = DriftDetector.from_state(scalars, arrays)
     assert not old.noise_ready and old.noise_statistic == 0.0
+    # state saved while collecting, loaded under a smaller reference_size: what was collected is the reference
+    collecting = DriftDetector(config=cfg)
+    collecting.update(_gauss(r, 150), _noise_scores(r, 150))
+    scalars, arrays = collecting.state_dict()
+    smaller = DriftDetector.from_state(scalars, arrays, config=cfg.model_copy(update={"reference_size": 100}))
+    res = smaller.update(_gauss(r, 10), _noise_scores(r, 10))
+    assert smaller.ready and smaller.noise_ready and res.offset == 0 and len(res.z) == 10
+    assert len(smaller.noise_reference) == 150 and np.isfinite(res.z_noise).all()
 
 
 def test_mean_shift_score_is_calibrated_and_sees_traffic_moving_together() -> None:
@@ -331,7 +341,7 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
     ev = mon.events("intent")[0]
     # the default threshold, from the 100 calibration points of a 200-request reference (DriftConfig.threshold)
     assert ev["adapter"] == "intent" and ev["threshold"] == pytest.approx(
-        DriftConfig(ert=1000).thresholds(100, 200)[0])
+        cusum_threshold(0.15, 1000, 200, 1 + 2 / 5))  # no noise scores came: the feature CUSUM has the whole budget
     assert len(ev["example_request_ids"]) == 5 and ev["window"]["mean_z"] > 0.2  # ~0 with no drift
     assert mon.registry.get_sample_value("tsugiki_drift_alarm", {"adapter": "intent"}) == 1.0
     assert mon.registry.get_sample_value("tsugiki_drift_alarms_total", {"adapter": "intent"}) == fired
@@ -356,8 +366,8 @@ def test_monitor_alarms_events_and_survives_restart(tmp_path: Path) -> None:
                                                                                     "mean_shift_rate": 0.0})}))
     st = quieter.status("intent")
     assert st["config"]["ert"] == 5000 and st["config"]["mean_shift_rate"] == 0.0 and st["state"] == "monitoring"
-    assert st["threshold"] == pytest.approx(split_thresholds(0.15, 0.3, 5000, 0.1, 100, 1.0, 200)[0])  # novelty
-    # alone: the bias of n calibration points, variance 1
+    assert st["threshold"] == pytest.approx(cusum_threshold(0.15, 5000, 100))  # novelty alone: n,
+    # variance 1 (and no noise CUSUM: these requests had no noise scores)
     # saved settings this version refuses (an older release allowed mean_shift_rate up to 1) or no longer has do not
     # stop the monitor starting: the state loads under today's settings; a state missing its arrays is skipped
     import json
