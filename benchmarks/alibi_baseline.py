@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("n_boot", nargs="?", type=int, default=0, help="bootstrap simulations (default 10x ERT)")
     ap.add_argument("--reference", choices=["all", "held-out"], default="all",
                     help="x_ref: all 1000 reference points, or only the 500 the whitening was not fitted on")
+    ap.add_argument("--match", default=None, metavar="REGEX",
+                    help="only the scenarios whose name matches (re.search), e.g. '5%%$' for the 5%% noise streams")
     ap.add_argument("--noise-column", action="store_true",
                     help="append each request's noise-score rank (as tsugiki's noise CUSUM scores it) as a column")
     args = ap.parse_args()
@@ -62,6 +65,7 @@ def main() -> None:
         return np.concatenate([x, streams[f"{key}_noise_z"][:, None]], axis=1) if args.noise_column else x
 
     ert, window = manifest["compare_ert"], manifest["window"]
+    scenarios = [n for n in manifest["scenarios"] if args.match is None or re.search(args.match, n)]
     n_boot = n_boot or int(10 * ert)
     delays: dict[str, list[float]] = {}
     run_lengths: list[float] = []
@@ -74,7 +78,7 @@ def main() -> None:
         nd = load(f"s{seed}_nodrift")
         rl = first_alarm(cd, nd)
         run_lengths.append(rl if np.isfinite(rl) else len(nd))
-        for name in manifest["scenarios"]:
+        for name in scenarios:
             # streams start at the change: the delay is the index of the first alarm
             delays.setdefault(name, []).append(first_alarm(cd, load(f"s{seed}_{name}")))
         print(f"[seed {seed}] done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -94,7 +98,7 @@ def main() -> None:
     print(f"detection delay from the change, ERT {ert:g}, Alibi window {window}, {len(manifest['seeds'])} seeds "
           f"(median, p90, share detected within 2000 requests); Alibi on {x_ref.shape[1]} feature columns")
     print(f"{'scenario':32s} {'tsugiki (CUSUM)':>20s}   {'alibi MMDDriftOnline':>20s}")
-    for name in manifest["scenarios"]:
+    for name in scenarios:
         print(f"{name:32s} {fmt(manifest['ours'][name])}   {fmt(delays[name])}")
     print("RESULT_JSON " + json.dumps({"ert": ert, "window": window, "alibi_columns": int(x_ref.shape[1]),
                                        "alibi": delays, "ours": manifest["ours"],

@@ -270,7 +270,7 @@ def main() -> None:
             # measure delay), so delays are not confounded by false alarms before it.
             post = first_alarm(detector(cfg_cmp), xs[args.onset:args.onset + 2000], ss[args.onset:args.onset + 2000])
             cmp_delays.setdefault(name, []).append(np.inf if post is None else post + 1)
-            if seed - args.first_seed < args.save_seeds and (not name.startswith("noise") or name.endswith("20%")):
+            if seed - args.first_seed < args.save_seeds:
                 seed_streams[name] = (from_pool, pick, kind)
         if seed - args.first_seed < args.save_seeds:
             saved.append({"seed": seed, "ref_idx": ref_idx, "live_in": live_in, "out_idx": out_idx,
