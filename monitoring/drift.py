@@ -101,9 +101,10 @@ class DriftConfig(BaseModel):
             raise ValueError("mean_shift_rate must be 0 (off) or at least 0.01")
         return v
 
-    def thresholds(self, n_calibration: int, n_noise: int) -> tuple[float, float]:
+    def thresholds(self, n_calibration: int, n_noise: int | None) -> tuple[float, float]:
         """The thresholds of the feature CUSUM and of the noise CUSUM (inf when it is off) for this ERT, given the
-        reference's number ``n`` of held-out calibration points and ``n_noise`` of reference noise scores.
+        reference's number ``n`` of held-out calibration points and ``n_noise`` of reference noise scores (None:
+        no noise reference yet, so no noise CUSUM runs and the feature CUSUM has the whole budget).
 
         **The feature CUSUM.** With the mean-shift score on, two effects of the finite calibration set enter:
 
@@ -138,7 +139,8 @@ class DriftConfig(BaseModel):
         variance = 1.0 + 2.0 / (rate * n_calibration) if rate > 0 else 1.0
         refs = self.ert_over == "references"
         bias_n = n_calibration * (2 if rate > 0 else 1) if refs else None
-        return split_thresholds(self.allowance, self.noise_allowance, self.ert, self.noise_share, bias_n, variance,
+        share = self.noise_share if n_noise is not None else 0.0
+        return split_thresholds(self.allowance, self.noise_allowance, self.ert, share, bias_n, variance,
                                 n_noise if refs else None)
 
 
@@ -380,9 +382,8 @@ class DriftDetector:
     def _thresholds(self) -> tuple[float, float]:
         n = self.config.reference_size
         n_cal = len(self.profile.calibration) if self.profile is not None else n - n // 2  # the neighbour half
-        if self.noise_reference is None:  # no noise CUSUM running (yet): the feature CUSUM has the whole budget
-            return self.config.model_copy(update={"noise_share": 0.0}).thresholds(n_cal, n)
-        return self.config.thresholds(n_cal, len(self.noise_reference))
+        n_noise = len(self.noise_reference) if self.noise_reference is not None else None
+        return self.config.thresholds(n_cal, n_noise)
 
     @property
     def threshold(self) -> float:
