@@ -119,6 +119,9 @@ def _mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device: torch.
     return m[:, None]
 
 
+SUB_BATCH = 16  # inputs per pass through the trained layers, grouped by length (Trainer._logits)
+
+
 class SharedHead:
     """Keys and values of a token prefix every sequence starts with (a prompt template's head), computed once.
 
@@ -360,36 +363,50 @@ class Trainer:
         i, v = key
         return self.clean[i] if v == 0 else self.noisy[i][v - 1]
 
-    def _hidden(self, keys: list[tuple[int, int]], exact: bool = False) -> tuple[torch.Tensor, list[Encoded]]:
+    def _head_kv(self, exact: bool) -> SharedHead | None:
+        """The shared head through the trained layers (batch 1, once per call of :meth:`_logits`, whatever the
+        number of sub-batches that attend to it)."""
+        n = len(self.head_ids)
+        if not n:
+            return None
+        head = SharedHead()
+        ids = torch.tensor([self.head_ids], device=self.device)
+        hh = self.parts.embed(ids) if self.start == 0 else self._head(exact)[1]
+        run_layers(self.parts, hh, [n], self.start, head=head)
+        return head
+
+    def _hidden(self, encs: Sequence[Encoded], keys: list[tuple[int, int]], head: SharedHead | None,
+                exact: bool = False) -> torch.Tensor:
         """Final hidden states [B, T, D] of the inputs' own tokens (position ``t`` is token ``n + t``, after the
-        shared head of ``n`` tokens), right-padded. The head goes through the trained layers once (batch 1)."""
-        encs = [self._enc(k) for k in keys]
+        shared head of ``n`` tokens), right-padded."""
         n = len(self.head_ids)
         lengths = [len(e.ids) - n for e in encs]
         if self.start == 0:
             h0 = self.parts.embed(pad_right([torch.tensor(e.ids[n:], device=self.device) for e in encs]))
         else:
             h0 = pad_right(self._frozen(encs, exact=True) if exact else self._prefix(keys))
-        head = None
-        if n:
-            head = SharedHead()
-            ids = torch.tensor([self.head_ids], device=self.device)
-            hh = self.parts.embed(ids) if self.start == 0 else self._head(exact)[1]
-            run_layers(self.parts, hh, [n], self.start, head=head)
-        return self.parts.norm(run_layers(self.parts, h0, lengths, self.start, head=head)), encs
+        return self.parts.norm(run_layers(self.parts, h0, lengths, self.start, head=head))
 
     def _logits(self, keys: list[tuple[int, int]], exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at the positions that predict completion tokens, and those tokens (aligned, flattened)."""
-        h, encs = self._hidden(keys, exact)
+        """Logits at the positions that predict completion tokens, and those tokens (aligned, flattened, in the
+        order of ``keys``).
+
+        The inputs go through the trained layers in sub-batches of similar length (:data:`SUB_BATCH` each), so
+        right padding costs little: a batch of clean prompts and their corrupted copies (which tokenize longer)
+        padded to one width is about half padding. Each input's logits do not depend on the others', so the
+        result is the same as one padded batch's."""
+        encs = [self._enc(k) for k in keys]
         n = len(self.head_ids)
-        rows, cols, targets = [], [], []
-        for b, e in enumerate(encs):
-            for j in range(e.n_prompt, len(e.ids)):
-                rows.append(b)
-                cols.append(j - 1 - n)
-                targets.append(e.ids[j])
-        sel = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
-        return self.parts.head(sel).float(), torch.tensor(targets, device=self.device)
+        head = self._head_kv(exact)
+        by_length = sorted(range(len(keys)), key=lambda j: len(encs[j].ids))
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(keys)
+        for c in range(0, len(by_length), SUB_BATCH):
+            idx = by_length[c: c + SUB_BATCH]
+            h = self._hidden([encs[j] for j in idx], [keys[j] for j in idx], head, exact)
+            for b, j in enumerate(idx):
+                rows[j] = h[b, encs[j].n_prompt - 1 - n: len(encs[j].ids) - 1 - n]
+        targets = [t for e in encs for t in e.ids[e.n_prompt:]]
+        return self.parts.head(torch.cat(rows)).float(), torch.tensor(targets, device=self.device)
 
     def noisy_variant(self, i: int, epoch: int) -> int:
         """The variant key of the noisy copy example ``i`` trains on in ``epoch`` (it has at least one)."""

@@ -180,6 +180,23 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -
         assert ".layers.1." in n  # only the chosen upper layer is trainable
 
 
+def test_length_grouped_sub_batches_give_the_logits_of_each_input_alone(tiny_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import tsugiki.tuning.trainer as trainer
+
+    t = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="float32", cache_frozen=False))
+    _same_lora_weights(t)
+    keys = [(i, v) for i in (0, 3, 4, 5, 9) for v in (0, 1)]  # clean and noisy inputs of different lengths
+    assert len({len(t._enc(k).ids) for k in keys}) > 2
+    with torch.no_grad():
+        monkeypatch.setattr(trainer, "SUB_BATCH", 3)
+        grouped, target = t._logits(keys)
+        monkeypatch.setattr(trainer, "SUB_BATCH", 1)
+        alone = [t._logits([k]) for k in keys]
+    assert torch.equal(target, torch.cat([a[1] for a in alone]))
+    assert torch.allclose(grouped, torch.cat([a[0] for a in alone]), atol=1e-5)
+
+
 def test_robust_loss_is_clean_plus_noisy_cross_entropy_plus_consistency(tiny_dir: Path) -> None:
     t = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="float32"))
     _same_lora_weights(t)
