@@ -12,6 +12,8 @@ LoRA on layers ``L0..`` only:
   reused by every input (without dropout exact: the same loss and gradients, for full fine-tuning too);
 * where the hardware computes bfloat16 natively the frozen pass runs in it (``frozen_dtype``; about twice as
   fast; training keeps the model's own precision);
+* the trained layers take each batch in sub-batches of similar length, so clean prompts are not padded to
+  the width of their longer corrupted copies;
 * backpropagation starts at the loss and stops at ``L0``;
 * the LM head runs only at the positions that predict completion tokens.
 
