@@ -36,29 +36,37 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def pick(rows: list, intents: set[str], per: int, rng: np.random.Generator) -> list:
+    """Up to ``per`` random (text, intent) rows of each of ``intents`` (sorted by intent) as label examples."""
+    from tsugiki.tuning.data import Example, label_prompt
+
+    by: dict[str, list[str]] = {}
+    for t, i in rows:
+        if i in intents:
+            by.setdefault(i, []).append(t)
+    out = []
+    for i in sorted(by):
+        texts = by[i]
+        for j in rng.permutation(len(texts))[:per]:
+            out.append(Example(label_prompt(texts[j]), " " + i, text=texts[j], label=i))
+    return out
+
+
+def task_intents(data_dir: Path) -> tuple[dict, set[str]]:
+    """CLINC150's splits and the intents of :data:`DOMAINS`."""
+    data = json.loads((data_dir / "data_full.json").read_text())
+    domains = json.loads((data_dir / "domains.json").read_text())
+    return data, {i for d in DOMAINS for i in domains[d]}
+
+
 def task(args: argparse.Namespace) -> tuple[list, list, list]:
-    from tsugiki.tuning.data import Example, label_prompt, split
+    from tsugiki.tuning.data import split
 
-    data = json.loads((args.data / "data_full.json").read_text())
-    domains = json.loads((args.data / "domains.json").read_text())
-    intents = {i for d in DOMAINS for i in domains[d]}
+    data, intents = task_intents(args.data)
     rng = np.random.default_rng(0)
-
-    def pick(rows: list, per: int) -> list:
-        by: dict[str, list[str]] = {}
-        for t, i in rows:
-            if i in intents:
-                by.setdefault(i, []).append(t)
-        out = []
-        for i in sorted(by):
-            texts = by[i]
-            for j in rng.permutation(len(texts))[:per]:
-                out.append(Example(label_prompt(texts[j]), " " + i, text=texts[j], label=i))
-        return out
-
-    pool = pick(data["train"], args.per_intent)
+    pool = pick(data["train"], intents, args.per_intent, rng)
     train, val = split(pool, 0.1)
-    test = pick(data["test"], args.test_per_intent)
+    test = pick(data["test"], intents, args.test_per_intent, rng)
     return train, val, test
 
 

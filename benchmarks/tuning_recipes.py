@@ -27,18 +27,9 @@ from _common import log
 
 
 def dev_split() -> list:
-    from tsugiki.tuning.data import Example, label_prompt
-
-    data = json.loads((te.DATA / "data_full.json").read_text())
-    domains = json.loads((te.DATA / "domains.json").read_text())
-    intents = {i for d in te.DOMAINS for i in domains[d]}
-    rng = np.random.default_rng(1)
-    by: dict[str, list[str]] = {}
-    for t, i in data["val"]:
-        if i in intents:
-            by.setdefault(i, []).append(t)
-    return [Example(label_prompt(by[i][j]), " " + i, text=by[i][j], label=i)
-            for i in sorted(by) for j in rng.permutation(len(by[i]))[:6]]
+    """6 queries per intent of the task's intents from CLINC150's official val split."""
+    data, intents = te.task_intents(te.DATA)
+    return te.pick(data["val"], intents, 6, np.random.default_rng(1))
 
 
 def main() -> None:

@@ -377,10 +377,10 @@ class Trainer:
         run_layers(self.parts, hh, [n], self.start, head=head)
         return head
 
-    def _hidden(self, encs: Sequence[Encoded], keys: list[tuple[int, int]], head: SharedHead | None,
-                exact: bool = False) -> torch.Tensor:
+    def _hidden(self, keys: list[tuple[int, int]], head: SharedHead | None, exact: bool = False) -> torch.Tensor:
         """Final hidden states [B, T, D] of the inputs' own tokens (position ``t`` is token ``n + t``, after the
         shared head of ``n`` tokens), right-padded."""
+        encs = [self._enc(k) for k in keys]
         n = len(self.head_ids)
         lengths = [len(e.ids) - n for e in encs]
         if self.start == 0:
@@ -404,7 +404,7 @@ class Trainer:
         rows: list[torch.Tensor] = [torch.empty(0)] * len(keys)
         for c in range(0, len(by_length), SUB_BATCH):
             idx = by_length[c: c + SUB_BATCH]
-            h = self._hidden([encs[j] for j in idx], [keys[j] for j in idx], head, exact)
+            h = self._hidden([keys[j] for j in idx], head, exact)
             for b, j in enumerate(idx):
                 rows[j] = h[b, encs[j].n_prompt - 1 - n: len(encs[j].ids) - 1 - n]
         targets = [t for e in encs for t in e.ids[e.n_prompt:]]
