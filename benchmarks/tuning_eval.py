@@ -118,7 +118,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
         out.update(train_seconds=time.time() - t0, frozen_pass=res.frozen_pass, loop_seconds=res.seconds,
                    steps=res.steps,
                    trainable_params=res.trainable_params, layers=res.layers,
-                   final_loss=res.final_loss, peak_rss_mb=peak_rss_mb())
+                   final_loss=res.final_loss, peak_rss_mb=peak_rss_mb(), denoise=res.denoise)
         if cfg.robust is not None:
             t0 = time.time()
             strength, table = pick_strength(cfg, model, tok, val, res.layers, retain_texts=default_retain_texts())

@@ -35,6 +35,7 @@ from tsugiki.monitoring.reference import MIN_REFERENCE, prompt_features, write_r
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.data import Example, TuningData, load_jsonl
+from tsugiki.tuning.denoise import Denoiser, denoise_layers, lora_params
 from tsugiki.tuning.gate import GateReport, agreement, decide
 from tsugiki.tuning.trainer import (
     Parts,
@@ -149,10 +150,19 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
     """Choose layers, build the model (LoRA or full) and train it; returns (model, result)."""
     torch.manual_seed(cfg.seed)
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
-    model = build_model(cfg, loaded.model, layers)
+    lower = denoise_layers(cfg, layers)
+    model = build_model(cfg, loaded.model, lower + layers)
+    den = None
+    if lower:  # stage 1 (robust recipe): the denoiser below the task layers, then frozen
+        den = Denoiser(cfg, model, loaded.tokenizer, data.train, lower, progress=progress,
+                       checkpoint_dir=checkpoint_dir.with_name("denoiser") if checkpoint_dir else None).train()
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores,
                       checkpoint_dir=checkpoint_dir, progress=progress)
-    return model, trainer.train()
+    result = trainer.train()
+    if den is not None:
+        result.denoise = den.to_dict()
+        result.trainable_params += den.params
+    return model, result
 
 
 def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:
@@ -178,7 +188,10 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
     if len(set(strengths)) == 1:
         set_strength(model, strengths[0])
         return strengths[0], {}
-    scorer = Trainer(cfg, model, tokenizer, val, layers=layers, progress=False)
+    # the scorer caches the hidden states entering the lowest task layer; a denoiser below it scales with the
+    # strength too, so then each strength needs its own
+    below = bool(lora_params(model, range(min(layers))))
+    scorer = None
     base = None
     if retain_texts and cfg.gate.min_retained_agreement > 0:
         with model.disable_adapter():
@@ -186,6 +199,8 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
     table: dict[float, dict[str, float]] = {}
     for s in sorted(set(strengths)):
         set_strength(model, s)
+        if scorer is None or below:
+            scorer = Trainer(cfg, model, tokenizer, val, layers=layers, progress=False)
         clean, noisy = scorer.mean_loss(0), scorer.mean_loss(1)
         table[s] = {"clean_loss": clean, "noisy_loss": noisy, "score": (clean + noisy) / 2}
         if base is not None:
@@ -315,6 +330,7 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         "base_model_fingerprint": loaded.info.fingerprint, "data": data.summary(),
         "labels": data.labels, "config": cfg.model_dump(mode="json"),
         "layers": result.layers, "layer_scores": {str(k): v for k, v in result.layer_scores.items()},
+        "denoise": result.denoise,
         "strength": strength, "strength_table": {str(k): v for k, v in strengths.items()},
         "train": {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
                   "trainable_params": result.trainable_params, "resumed_from": result.resumed_from,

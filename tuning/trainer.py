@@ -70,16 +70,25 @@ def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Enc
     return Encoded(tuple(p + c), len(p))
 
 
-def noisy_copies(ex: Example, cfg: TuneConfig, index: int) -> list[str]:
-    """The example's fixed corrupted prompts (deterministic in seed, example index and copy)."""
+def noisy_texts(ex: Example, cfg: TuneConfig, index: int) -> list[tuple[str, str]]:
+    """(family, corrupted user text) of the example's fixed noisy copies (deterministic in seed, example index
+    and copy); empty for examples without free text (chats)."""
     rc = cfg.robust
-    if rc is None or rc.copies == 0 or not rc.families:
+    if rc is None or rc.copies == 0 or not rc.families or ex.text is None:
         return []
     out = []
     for c in range(rc.copies):
         fam = rc.families[(index + c) % len(rc.families)]
         seed = (cfg.seed * 1_000_003 + index * 97 + c) % 2**31
-        p = ex.noisy_prompt(lambda t, fam=fam, seed=seed: corrupt(t, fam, rc.severity, seed))
+        out.append((fam, corrupt(ex.text, fam, rc.severity, seed)))
+    return out
+
+
+def noisy_copies(ex: Example, cfg: TuneConfig, index: int) -> list[str]:
+    """The example's fixed corrupted prompts (:func:`noisy_texts` in the example's prompt)."""
+    out = []
+    for _, text in noisy_texts(ex, cfg, index):
+        p = ex.noisy_prompt(lambda _, text=text: text)
         if p is not None:
             out.append(p)
     return out
@@ -226,6 +235,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     frozen_pass: str = "none"  # precision of the one-time pass below the lowest tuned layer; 'none': no such pass
+    denoise: dict[str, Any] | None = None  # the denoiser stage's record (tuning/denoise.py), when it ran
 
 
 def peak_rss_mb() -> float:

@@ -42,6 +42,7 @@ def test_tune_on_ray_resume_gate_and_serve(gateway: Gateway, tmp_path: Path) -> 
     cfg = tmp_path / "tune.yaml"
     # the thresholds under test elsewhere (unit tests); here: a job that passes on 20 validation examples
     cfg.write_text(yaml.safe_dump({"epochs": 3, "num_layers": 4, "checkpoint_every": 10, "num_cpus": 1,
+                                   "robust": {"denoise_layers": 6},
                                    "gate": {"max_family_drop": 0.6, "min_gain_over_base": 0.1,
                                             "min_retained_agreement": 0.1}}))
     work = tmp_path / "work"
@@ -68,6 +69,8 @@ def test_tune_on_ray_resume_gate_and_serve(gateway: Gateway, tmp_path: Path) -> 
     assert '"event": "tune"' in text and '"eta_s"' in text  # progress lines in the job's log
     card = result["card"]
     assert card["gate"]["passed"] and card["layers"] == [26, 27, 28, 29]
+    # the denoiser (layers 0-5) was saved before the kill; the rerun loaded it instead of training it again
+    assert card["denoise"]["layers"] == list(range(6)) and card["denoise"]["resumed"]
     assert card["base_model_fingerprint"] and card["data"]["data_hash"]
 
     # the gateway picks the new store version up and answers the task with it

@@ -389,7 +389,9 @@ def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(
                                                                                  tmp_path: Path) -> None:
     data = _write(tmp_path / "train.jsonl", _records(40))
     store_dir, work = tmp_path / "store", tmp_path / "work"
-    res = run_local(_cfg(tiny_dir), data, "intent", store_dir=store_dir, work_dir=work, progress=False)
+    robust = RobustConfig(families=("typos", "keyboard"), copies=1, strengths=(0.5, 1.0), denoise_layers=4)
+    res = run_local(_cfg(tiny_dir, robust=robust), data, "intent", store_dir=store_dir, work_dir=work,
+                    progress=False)
     assert res.status == "written" and res.adapter is not None and res.adapter == "intent@v1"
     stored = Path(res.path)
     card = json.loads((stored / "model_card.json").read_text())
@@ -397,8 +399,11 @@ def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(
                                                              progress=False).info.fingerprint
     assert card["data"]["data_hash"] and card["gate"]["passed"] and card["layers"] == [1]
     assert set(card["gate"]) >= {"clean_accuracy", "family_accuracy", "negative_flip_rate", "retained_agreement"}
+    # the denoiser (tuning/denoise.py) took what lies below the task layer: layer 0 of 2
+    den = card["denoise"]
+    assert den["layers"] == [0] and den["pairs"] > 0 and den["loss_after"] < den["loss_before"]
     weights = read_lora_artifact(stored)  # the gateway's own reader accepts it
-    assert weights.max_rank == 4 and all(".layers.1." in m for m in weights.modules)
+    assert weights.max_rank == 4 and {m.split(".")[2] for m in weights.modules} == {"0", "1"}
     assert card["strength"] in (0.5, 1.0)
     # 16 distinct prompts are too few to calibrate a drift detector on: no reference ships, the card says why
     ref = card["drift_reference"]
