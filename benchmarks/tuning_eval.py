@@ -4,6 +4,7 @@ LoRA, full fine-tuning and the zero-shot base model.
     python benchmarks/tuning_eval.py                       # all four methods, each in its own process
     python benchmarks/tuning_eval.py --per-intent 10       # a smaller task
     python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (~18 min)
+    python benchmarks/tuning_eval.py --methods robust_denoise  # ... with the optional denoiser on layers 0-5
 
 Task (stated in the output): 5 CLINC150 domains (banking, credit_cards, kitchen_and_dining, travel, utility;
 75 intents), ``--per-intent`` training queries per intent from the official train split, test on
@@ -29,7 +30,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
 DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "travel", "utility"]
 FAMILIES = ["typos", "keyboard", "ocr", "delete", "mojibake", "code_switch"]
 METHODS = ["zero_shot", "plain_lora", "robust_partial", "full_ft"]
-EXTRA_METHODS = ["robust_all"]  # opt-in (--methods): the robust recipe on every layer, ~18 min on 2 cores
+# opt-in (--methods): the robust recipe on every layer (~18 min on 2 cores); the robust partial recipe with the
+# optional denoiser stage on layers 0-5 (tuning/denoise.py, ~3 min more)
+EXTRA_METHODS = ["robust_all", "robust_denoise"]
 
 
 def log(msg: str) -> None:
@@ -87,6 +90,9 @@ def configs(args: argparse.Namespace) -> dict:
                                      robust=RobustConfig(severity=args.severity), frozen_dtype=args.frozen_dtype,
                                      **common),
         "full_ft": TuneConfig(method="full", robust=None, learning_rate=args.full_lr, **common),
+        "robust_denoise": TuneConfig(layers="upper", num_layers=args.num_layers, learning_rate=args.lora_lr,
+                                     robust=RobustConfig(severity=args.severity, denoise_layers=6),
+                                     frozen_dtype=args.frozen_dtype, **common),
         "robust_all": TuneConfig(layers="all", learning_rate=args.lora_lr, robust=RobustConfig(severity=args.severity),
                                  **common),
     }
@@ -167,6 +173,11 @@ def main() -> None:
         if proc.returncode or not line:
             raise SystemExit(f"{m} failed with exit status {proc.returncode}")
         results[m] = json.loads(line[-1][len("RESULT_JSON "):])
+    # a run of some methods updates their entries and keeps the others' that were measured on the same task;
+    # the table and the bars read both (earlier runs are marked *)
+    kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    kept = {m: r for m, r in kept.items() if r.get("task") == task_key(args) and m not in results}
+    every = {**kept, **results}
     r0 = next(iter(results.values()))
     print(f"\nCLINC150 task: domains {', '.join(DOMAINS)} (75 intents); {r0['train']} train / {r0['val']} val "
           f"queries ({args.per_intent} per intent from the official train split, content-hash split), "
@@ -176,29 +187,29 @@ def main() -> None:
     cols = ["clean"] + FAMILIES
     print(f"{'method':16s} " + " ".join(f"{c:>11s}" for c in cols) + f" {'train s':>8s} {'peak MB':>8s} "
           f"{'trainable':>11s} {'frozen pass':>11s}")
-    for m, r in results.items():
+    for m, r in every.items():
         a = r["accuracy"]
-        print(f"{m:16s} " + " ".join(f"{a[c]:11.3f}" for c in cols)
+        print(f"{m + ('*' if m in kept else ''):16s} " + " ".join(f"{a[c]:11.3f}" for c in cols)
               + f" {r.get('train_seconds', 0):8.0f} {r.get('peak_rss_mb', r['rss_before_mb']):8.0f} "
               f"{r.get('trainable_params', 0):11d} {r.get('frozen_pass', '-'):>11s}")
-    if {"plain_lora", "robust_partial"} <= results.keys():
-        p, q = results["plain_lora"]["accuracy"], results["robust_partial"]["accuracy"]
-        dp, dq = p["clean"] - p["typos"], q["clean"] - q["typos"]
-        ratio = dq / dp if dp else float("nan")
-        print(f"heavy-typo drop: plain LoRA {dp:.3f}, robust partial {dq:.3f} (ratio {ratio:.2f}, bar <= 0.5); "
-              f"clean difference robust - plain {q['clean'] - p['clean']:+.3f} (bar >= -0.01)")
-    if {"full_ft", "robust_partial"} <= results.keys():
-        f, q = results["full_ft"], results["robust_partial"]
-        q_s = q["train_seconds"] + q.get("strength_seconds", 0.0)  # the strength choice is part of its tuning
-        print(f"wall time robust partial (training {q['train_seconds']:.0f} s + strength choice "
-              f"{q.get('strength_seconds', 0):.0f} s) / full FT ({f['train_seconds']:.0f} s): "
-              f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); "
-              f"clean difference robust - full {q['accuracy']['clean'] - f['accuracy']['clean']:+.3f} (bar >= -0.01)")
+    if kept:
+        print("* from an earlier run on the same task (" + args.out.as_posix() + ")")
+    for robust in ("robust_partial", "robust_denoise"):  # each bar where this run measured one of its sides
+        if {"plain_lora", robust} <= every.keys() and {"plain_lora", robust} & results.keys():
+            p, q = every["plain_lora"]["accuracy"], every[robust]["accuracy"]
+            dp, dq = p["clean"] - p["typos"], q["clean"] - q["typos"]
+            ratio = dq / dp if dp else float("nan")
+            print(f"heavy-typo drop: plain LoRA {dp:.3f}, {robust} {dq:.3f} (ratio {ratio:.2f}, bar <= 0.5); "
+                  f"clean difference {robust} - plain {q['clean'] - p['clean']:+.3f} (bar >= -0.01)")
+        if {"full_ft", robust} <= every.keys() and {"full_ft", robust} & results.keys():
+            f, q = every["full_ft"], every[robust]
+            q_s = q["train_seconds"] + q.get("strength_seconds", 0.0)  # the strength choice is part of its tuning
+            print(f"wall time {robust} (training {q['train_seconds']:.0f} s + strength choice "
+                  f"{q.get('strength_seconds', 0):.0f} s) / full FT ({f['train_seconds']:.0f} s): "
+                  f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); clean difference {robust} - full "
+                  f"{q['accuracy']['clean'] - f['accuracy']['clean']:+.3f} (bar >= -0.01)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # a run of some methods updates their entries and keeps the others' that were measured on the same task
-    kept = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    kept = {m: r for m, r in kept.items() if r.get("task") == task_key(args)}
-    args.out.write_text(json.dumps({**kept, **results}, indent=1))
+    args.out.write_text(json.dumps(every, indent=1))
     log(f"wrote {args.out}")
 
 
