@@ -156,6 +156,8 @@ class Denoiser:
         self.device = next(model.parameters()).device
         self.ckpt, self.progress = checkpoint_dir, progress
         self.clean, self.pairs = pairs(tokenizer, train, cfg)
+        if not self.pairs:
+            raise ValueError("no corrupted copy lines up with its clean input word by word: nothing to align")
         used = sorted({p.example for p in self.pairs})
         self.head = shared_head([Encoded(self.clean[i], len(self.clean[i])) for i in used]
                                 + [Encoded(p.noisy_ids, len(p.noisy_ids)) for p in self.pairs])

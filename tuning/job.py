@@ -36,6 +36,7 @@ from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch
 from tsugiki.tuning.config import TuneConfig
 from tsugiki.tuning.data import Example, TuningData, load_jsonl
 from tsugiki.tuning.denoise import Denoiser, denoise_layers, lora_params
+from tsugiki.tuning.denoise import pairs as denoise_pairs
 from tsugiki.tuning.gate import GateReport, agreement, decide
 from tsugiki.tuning.trainer import (
     Parts,
@@ -151,6 +152,10 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
     torch.manual_seed(cfg.seed)
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
     lower = denoise_layers(cfg, layers)
+    if lower and not denoise_pairs(loaded.tokenizer, data.train, cfg)[1]:
+        log.warning("no corrupted copy lines up with its clean input word by word (chats, or no character-level "
+                    "families): no denoiser")
+        lower = []
     model = build_model(cfg, loaded.model, lower + layers)
     den = None
     if lower:  # stage 1 (robust recipe): the denoiser below the task layers, then frozen

@@ -119,3 +119,17 @@ def test_strength_choice_rescores_the_cached_states_when_a_denoiser_scales_with_
         set_strength(model, s)
         fresh = Trainer(cfg, model, tok, train, layers=[1], progress=False)
         assert table[s]["clean_loss"] == pytest.approx(fresh.mean_loss(0), rel=1e-4), s
+
+
+def test_data_without_alignable_copies_gets_no_denoiser(tiny_dir: Path) -> None:
+    from tsugiki.serve.base_model import load_base_model
+    from tsugiki.tuning.data import TuningData
+    from tsugiki.tuning.job import fit
+
+    cfg = _cfg(tiny_dir, epochs=1, robust=RobustConfig(families=("code_switch",), copies=1, denoise_layers=1))
+    train = _train()
+    loaded = load_base_model(cfg.model, progress=False)
+    model, res = fit(cfg, loaded, TuningData(train=train, val=train[:4], data_hash="x"), progress=False)
+    assert res.denoise is None and not lora_params(model, [0])  # code-switching replaces words: nothing lines up
+    with pytest.raises(ValueError, match="nothing to align"):
+        Denoiser(cfg, model, loaded.tokenizer, train, [0], progress=False)
