@@ -31,7 +31,7 @@ DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "travel", "utility"]
 FAMILIES = ["typos", "keyboard", "ocr", "delete", "mojibake", "code_switch"]
 METHODS = ["zero_shot", "plain_lora", "robust_partial", "full_ft"]
 # opt-in (--methods): the robust recipe on every layer (~18 min on 2 cores); the robust partial recipe with the
-# optional denoiser stage on layers 0-5 (tuning/denoise.py, ~3 min more)
+# optional denoiser stage on layers 0-5 (tuning/denoise.py, 3 epochs: ~8 min more)
 EXTRA_METHODS = ["robust_all", "robust_denoise"]
 
 

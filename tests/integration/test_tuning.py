@@ -42,7 +42,7 @@ def test_tune_on_ray_resume_gate_and_serve(gateway: Gateway, tmp_path: Path) -> 
     cfg = tmp_path / "tune.yaml"
     # the thresholds under test elsewhere (unit tests); here: a job that passes on 20 validation examples
     cfg.write_text(yaml.safe_dump({"epochs": 3, "num_layers": 4, "checkpoint_every": 10, "num_cpus": 1,
-                                   "robust": {"denoise_layers": 6},
+                                   "robust": {"denoise_layers": 6, "denoise_epochs": 1},
                                    "gate": {"max_family_drop": 0.6, "min_gain_over_base": 0.1,
                                             "min_retained_agreement": 0.1}}))
     work = tmp_path / "work"
