@@ -187,23 +187,24 @@ class Denoiser:
 
     @torch.no_grad()
     def _targets(self, examples: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The base model's (adapter off) clean states entering layer n, per example."""
         out = {}
-        order = sorted(examples, key=lambda i: len(self.clean[i]))
-        for b in range(0, len(order), 64):
-            chunk = order[b: b + 64]
-            h = self._states([self.clean[i] for i in chunk])
-            for r, i in enumerate(chunk):
-                out[i] = h[r, : len(self.clean[i])].clone()
+        with self.model.disable_adapter():
+            order = sorted(examples, key=lambda i: len(self.clean[i]))
+            for b in range(0, len(order), 64):
+                chunk = order[b: b + 64]
+                h = self._states([self.clean[i] for i in chunk])
+                for r, i in enumerate(chunk):
+                    out[i] = h[r, : len(self.clean[i])].clone()
         return out
 
-    def _loss(self, batch: Sequence[Pair], target: dict[int, torch.Tensor], scale: torch.Tensor,
-              with_clean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: Sequence[Pair], target: dict[int, torch.Tensor], scale: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled squared error of the corrupted copies' aligned states, and of their clean inputs' states."""
         hn = self._states([p.noisy_ids for p in batch])
         pred = torch.cat([hn[r, list(p.noisy_pos)] for r, p in enumerate(batch)])
         tgt = torch.cat([target[p.example][list(p.clean_pos)] for p in batch])
         noisy = (((pred - tgt) / scale) ** 2).mean()
-        if not with_clean:
-            return noisy, noisy.new_zeros(())
         ex = sorted({p.example for p in batch})
         hc = self._states([self.clean[i] for i in ex])
         cpred = torch.cat([hc[r, : len(self.clean[i])] for r, i in enumerate(ex)])
@@ -257,7 +258,7 @@ class Denoiser:
         for p in self.params.values():
             p.requires_grad_(True)
         used = sorted({p.example for p in self.pairs})
-        target = self._targets(used)  # LoRA B starts at zero: these are the base model's clean states
+        target = self._targets(used)
         allt = torch.cat([target[i] for i in used])
         scale = allt.float().std(0).clamp_min(1e-3).to(allt.dtype)
         rng = np.random.default_rng(self.cfg.seed)

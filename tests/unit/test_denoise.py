@@ -133,3 +133,17 @@ def test_data_without_alignable_copies_gets_no_denoiser(tiny_dir: Path) -> None:
     assert res.denoise is None and not lora_params(model, [0])  # code-switching replaces words: nothing lines up
     with pytest.raises(ValueError, match="nothing to align"):
         Denoiser(cfg, model, loaded.tokenizer, train, [0], progress=False)
+
+
+def test_targets_are_the_base_models_clean_states_whatever_the_lora_holds(tiny_dir: Path) -> None:
+    cfg = _cfg(tiny_dir, robust=RobustConfig(families=("typos",), copies=1, denoise_layers=1))
+    model, tok, train = _setup(tiny_dir, cfg)
+    d = Denoiser(cfg, model, tok, train, [0], progress=False)
+    with torch.no_grad():
+        for p in lora_params(model, [0]).values():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        with model.disable_adapter():
+            base = d._states([d.clean[0]])[0]
+        tuned = d._states([d.clean[0]])[0]
+    target = d._targets([0])[0]
+    assert torch.allclose(target, base, atol=1e-5) and not torch.allclose(target, tuned, atol=1e-3)
