@@ -84,15 +84,14 @@ def configs(args: argparse.Namespace) -> dict:
 
     common = dict(epochs=args.epochs, batch_size=args.batch_size, num_cpus=args.threads, seed=0,
                   max_eval_examples=10**6, gate=GateConfig(severity=args.severity))
+    robust = RobustConfig(severity=args.severity)
+    partial = TuneConfig(layers="upper", num_layers=args.num_layers, learning_rate=args.lora_lr, robust=robust,
+                         frozen_dtype=args.frozen_dtype, **common)
     return {
         "plain_lora": TuneConfig(layers="all", robust=None, learning_rate=args.lora_lr, **common),
-        "robust_partial": TuneConfig(layers="upper", num_layers=args.num_layers, learning_rate=args.lora_lr,
-                                     robust=RobustConfig(severity=args.severity), frozen_dtype=args.frozen_dtype,
-                                     **common),
+        "robust_partial": partial,
         "full_ft": TuneConfig(method="full", robust=None, learning_rate=args.full_lr, **common),
-        "robust_denoise": TuneConfig(layers="upper", num_layers=args.num_layers, learning_rate=args.lora_lr,
-                                     robust=RobustConfig(severity=args.severity, denoise_layers=6),
-                                     frozen_dtype=args.frozen_dtype, **common),
+        "robust_denoise": partial.model_copy(update={"robust": robust.model_copy(update={"denoise_layers": 6})}),
         "robust_all": TuneConfig(layers="all", learning_rate=args.lora_lr, robust=RobustConfig(severity=args.severity),
                                  **common),
     }

@@ -150,18 +150,20 @@ class Denoiser:
     """Trains the LoRA weights of ``layers`` (``0..n-1``) of a PEFT ``model`` by alignment (module docstring)."""
 
     def __init__(self, cfg: TuneConfig, model: Any, tokenizer: Any, train: Sequence[Example], layers: list[int],
-                 *, checkpoint_dir: Path | None = None, progress: bool = True) -> None:
+                 *, checkpoint_dir: Path | None = None, progress: bool = True,
+                 aligned: tuple[list[tuple[int, ...]], list[Pair]] | None = None) -> None:
+        """``aligned``: what :func:`pairs` returns for ``train``, when the caller already has it."""
         if layers != list(range(len(layers))):
             raise ValueError(f"the denoiser takes the lowest layers 0..n-1, got {layers}")
         self.cfg, self.model, self.layers = cfg, model, layers
         self.parts = Parts.of(model)
         self.device = next(model.parameters()).device
         self.ckpt, self.progress = checkpoint_dir, progress
-        self.clean, self.pairs = pairs(tokenizer, train, cfg)
+        self.clean, self.pairs = aligned if aligned is not None else pairs(tokenizer, train, cfg)
         if not self.pairs:
             raise ValueError("no corrupted copy lines up with its clean input word by word: nothing to align")
-        used = sorted({p.example for p in self.pairs})
-        self.head = shared_head([Encoded(self.clean[i], len(self.clean[i])) for i in used]
+        self.used = sorted({p.example for p in self.pairs})  # examples with at least one pair
+        self.head = shared_head([Encoded(self.clean[i], len(self.clean[i])) for i in self.used]
                                 + [Encoded(p.noisy_ids, len(p.noisy_ids)) for p in self.pairs])
         self.params = lora_params(model, layers)
         if not self.params:
@@ -257,9 +259,8 @@ class Denoiser:
         self.model.eval()  # no dropout in the alignment; the targets are deterministic
         for p in self.params.values():
             p.requires_grad_(True)
-        used = sorted({p.example for p in self.pairs})
-        target = self._targets(used)
-        allt = torch.cat([target[i] for i in used])
+        target = self._targets(self.used)
+        allt = torch.cat([target[i] for i in self.used])
         scale = allt.float().std(0).clamp_min(1e-3).to(allt.dtype)
         rng = np.random.default_rng(self.cfg.seed)
         probe = [self.pairs[j] for j in rng.permutation(len(self.pairs))[:BATCH * 2]]

@@ -152,14 +152,15 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
     torch.manual_seed(cfg.seed)
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
     lower = denoise_layers(cfg, layers)
-    if lower and not denoise_pairs(loaded.tokenizer, data.train, cfg)[1]:
+    aligned = denoise_pairs(loaded.tokenizer, data.train, cfg) if lower else None
+    if aligned is not None and not aligned[1]:
         log.warning("no corrupted copy lines up with its clean input word by word (chats, or no character-level "
                     "families): no denoiser")
         lower = []
     model = build_model(cfg, loaded.model, lower + layers)
     den = None
     if lower:  # stage 1 (robust recipe): the denoiser below the task layers, then frozen
-        den = Denoiser(cfg, model, loaded.tokenizer, data.train, lower, progress=progress,
+        den = Denoiser(cfg, model, loaded.tokenizer, data.train, lower, progress=progress, aligned=aligned,
                        checkpoint_dir=checkpoint_dir.with_name("denoiser") if checkpoint_dir else None).train()
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores,
                       checkpoint_dir=checkpoint_dir, progress=progress)
