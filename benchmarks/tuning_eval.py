@@ -3,7 +3,7 @@ LoRA, full fine-tuning and the zero-shot base model.
 
     python benchmarks/tuning_eval.py                       # all four methods, each in its own process
     python benchmarks/tuning_eval.py --per-intent 10       # a smaller task
-    python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (~18 min)
+    python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (~24 min)
     python benchmarks/tuning_eval.py --methods robust_denoise  # ... with the optional denoiser on layers 0-5
 
 Task (stated in the output): 5 CLINC150 domains (banking, credit_cards, kitchen_and_dining, travel, utility;
@@ -12,7 +12,8 @@ Task (stated in the output): 5 CLINC150 domains (banking, credit_cards, kitchen_
 batch size and data through the same code (tsugiki.tuning.trainer); each runs in a fresh process so its peak
 memory (max RSS) is its own. Reported per method: clean test accuracy, accuracy under each corruption family at
 ``--severity`` (typos at 0.3 = 30% of words corrupted: "heavy typos"), training wall time, peak RSS, trainable
-parameters, torch threads.
+parameters, torch threads; then the bars of issue 4, with paired bootstrap intervals where both sides of a bar
+kept per-query hits.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
 DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "travel", "utility"]
 FAMILIES = ["typos", "keyboard", "ocr", "delete", "mojibake", "code_switch"]
 METHODS = ["zero_shot", "plain_lora", "robust_partial", "full_ft"]
-# opt-in (--methods): the robust recipe on every layer (~18 min on 2 cores); the robust partial recipe with the
-# optional denoiser stage on layers 0-5 (tuning/denoise.py, 3 epochs: ~8 min more)
+# opt-in (--methods): the robust recipe on every layer (~24 min on 2 cores with its evaluation); the robust
+# partial recipe with the optional denoiser stage on layers 0-5 (tuning/denoise.py, 3 epochs: ~8 min more)
 EXTRA_METHODS = ["robust_all", "robust_denoise"]
 
 
@@ -131,13 +132,41 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     model.eval()
     t0 = time.time()
     with torch.no_grad():
-        acc = {"clean": float(np.mean(evaluate(model, tok, test, batch_size=32)))}
+        hits = {"clean": evaluate(model, tok, test, batch_size=32)}
         for fam in FAMILIES:
-            acc[fam] = float(np.mean(evaluate(model, tok, test, family=fam, severity=args.severity, seed=7,
-                                              batch_size=32)))
-            log(f"{method}: {fam} {acc[fam]:.3f}")
-    out.update(accuracy=acc, eval_seconds=time.time() - t0)
+            hits[fam] = evaluate(model, tok, test, family=fam, severity=args.severity, seed=7, batch_size=32)
+            log(f"{method}: {fam} {hits[fam].mean():.3f}")
+    # per-query hits ("0"/"1" per test query, in test order) let the bars carry paired bootstrap intervals
+    out.update(accuracy={k: float(v.mean()) for k, v in hits.items()},
+               hits={k: "".join("1" if x else "0" for x in v) for k, v in hits.items()},
+               eval_seconds=time.time() - t0)
     return out
+
+
+def interval(stat, *hits: dict, reps: int = 2000) -> str:
+    """Paired bootstrap 95% interval of ``stat`` (a function of per-method per-family hit arrays) over the test
+    queries, resampled together for every method (they answered the same queries); empty when a method's stored
+    result predates per-query hits."""
+    if any("hits" not in h for h in hits):
+        return ""
+    arrays = [{k: np.array([c == "1" for c in v]) for k, v in h["hits"].items()} for h in hits]
+    n = len(arrays[0]["clean"])
+    rng = np.random.default_rng(0)
+    vals = []
+    for _ in range(reps):
+        idx = rng.integers(0, n, n)
+        vals.append(stat(*({k: v[idx] for k, v in a.items()} for a in arrays)))
+    lo, hi = np.nanpercentile(vals, [2.5, 97.5])
+    return f" [95% interval {lo:.2f} to {hi:.2f}]"
+
+
+def drop_ratio(p: dict, q: dict) -> float:
+    dp = p["clean"].mean() - p["typos"].mean()
+    return float((q["clean"].mean() - q["typos"].mean()) / dp) if dp else float("nan")
+
+
+def clean_diff(p: dict, q: dict) -> float:
+    return float(q["clean"].mean() - p["clean"].mean())
 
 
 def main() -> None:
@@ -193,20 +222,24 @@ def main() -> None:
               f"{r.get('trainable_params', 0):11d} {r.get('frozen_pass', '-'):>11s}")
     if kept:
         print("* from an earlier run on the same task (" + args.out.as_posix() + ")")
-    for robust in ("robust_partial", "robust_denoise"):  # each bar where this run measured one of its sides
+    # each bar where this run measured one of its sides (robust_all: how far augmentation goes at full depth)
+    for robust in ("robust_partial", "robust_denoise", "robust_all"):
         if {"plain_lora", robust} <= every.keys() and {"plain_lora", robust} & results.keys():
             p, q = every["plain_lora"]["accuracy"], every[robust]["accuracy"]
             dp, dq = p["clean"] - p["typos"], q["clean"] - q["typos"]
             ratio = dq / dp if dp else float("nan")
-            print(f"heavy-typo drop: plain LoRA {dp:.3f}, {robust} {dq:.3f} (ratio {ratio:.2f}, bar <= 0.5); "
-                  f"clean difference {robust} - plain {q['clean'] - p['clean']:+.3f} (bar >= -0.01)")
+            pair = (every["plain_lora"], every[robust])
+            print(f"heavy-typo drop: plain LoRA {dp:.3f}, {robust} {dq:.3f} (ratio {ratio:.2f}"
+                  f"{interval(drop_ratio, *pair)}, bar <= 0.5); clean difference {robust} - plain "
+                  f"{q['clean'] - p['clean']:+.3f}{interval(clean_diff, *pair)} (bar >= -0.01)")
         if {"full_ft", robust} <= every.keys() and {"full_ft", robust} & results.keys():
             f, q = every["full_ft"], every[robust]
             q_s = q["train_seconds"] + q.get("strength_seconds", 0.0)  # the strength choice is part of its tuning
             print(f"wall time {robust} (training {q['train_seconds']:.0f} s + strength choice "
                   f"{q.get('strength_seconds', 0):.0f} s) / full FT ({f['train_seconds']:.0f} s): "
                   f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); clean difference {robust} - full "
-                  f"{q['accuracy']['clean'] - f['accuracy']['clean']:+.3f} (bar >= -0.01)")
+                  f"{q['accuracy']['clean'] - f['accuracy']['clean']:+.3f}{interval(clean_diff, f, q)} "
+                  "(bar >= -0.01)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(every, indent=1))
     log(f"wrote {args.out}")
