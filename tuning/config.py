@@ -106,9 +106,9 @@ class TuneConfig(_Frozen):
                                                           "copies did not lift heavy-typo accuracy with the top 4 "
                                                           "of 30 layers, with the top 8 they did, by 9 points. On "
                                                           "its test (benchmarks/tuning_eval.py) the top 8 with "
-                                                          "three copies score 0.889 clean, 0.733 with heavy "
+                                                          "three copies score 0.880 clean, 0.729 with heavy "
                                                           "typos; the earlier default (top 4, one copy) 0.840 and "
-                                                          "0.671; plain all-layer LoRA 0.858 and 0.653.")
+                                                          "0.671; plain all-layer LoRA 0.829 and 0.613.")
     target_modules: tuple[str, ...] = ATTENTION + MLP
     rank: int = Field(default=8, gt=0, le=256)
     alpha: float = Field(default=16.0, gt=0)
