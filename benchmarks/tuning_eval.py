@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -143,13 +144,13 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     return out
 
 
-def interval(stat, *hits: dict, reps: int = 2000) -> str:
-    """Paired bootstrap 95% interval of ``stat`` (a function of per-method per-family hit arrays) over the test
+def interval(stat: Callable[..., float], *results: dict, reps: int = 2000) -> str:
+    """Paired bootstrap 95% interval of ``stat`` (a function of each method's per-family hit arrays) over the test
     queries, resampled together for every method (they answered the same queries); empty when a method's stored
     result predates per-query hits."""
-    if any("hits" not in h for h in hits):
+    if any("hits" not in r for r in results):
         return ""
-    arrays = [{k: np.array([c == "1" for c in v]) for k, v in h["hits"].items()} for h in hits]
+    arrays = [{k: np.array([c == "1" for c in v]) for k, v in r["hits"].items()} for r in results]
     n = len(arrays[0]["clean"])
     rng = np.random.default_rng(0)
     vals = []
