@@ -144,10 +144,20 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     return out
 
 
+def drop_ratio(p: dict, q: dict) -> float:
+    """q's heavy-typo drop over p's, from their accuracies."""
+    dp = p["clean"] - p["typos"]
+    return float((q["clean"] - q["typos"]) / dp) if dp else float("nan")
+
+
+def clean_diff(p: dict, q: dict) -> float:
+    return float(q["clean"] - p["clean"])
+
+
 def interval(stat: Callable[..., float], *results: dict, reps: int = 2000) -> str:
-    """Paired bootstrap 95% interval of ``stat`` (a function of each method's per-family hit arrays) over the test
-    queries, resampled together for every method (they answered the same queries); empty when a method's stored
-    result predates per-query hits."""
+    """Paired bootstrap 95% interval of ``stat`` (a function of the methods' accuracies) over the test queries,
+    resampled together for every method (they answered the same queries); empty when a method's stored result
+    predates per-query hits."""
     if any("hits" not in r for r in results):
         return ""
     arrays = [{k: np.array([c == "1" for c in v]) for k, v in r["hits"].items()} for r in results]
@@ -156,18 +166,9 @@ def interval(stat: Callable[..., float], *results: dict, reps: int = 2000) -> st
     vals = []
     for _ in range(reps):
         idx = rng.integers(0, n, n)
-        vals.append(stat(*({k: v[idx] for k, v in a.items()} for a in arrays)))
+        vals.append(stat(*({k: v[idx].mean() for k, v in a.items()} for a in arrays)))
     lo, hi = np.nanpercentile(vals, [2.5, 97.5])
     return f" [95% interval {lo:.2f} to {hi:.2f}]"
-
-
-def drop_ratio(p: dict, q: dict) -> float:
-    dp = p["clean"].mean() - p["typos"].mean()
-    return float((q["clean"].mean() - q["typos"].mean()) / dp) if dp else float("nan")
-
-
-def clean_diff(p: dict, q: dict) -> float:
-    return float(q["clean"].mean() - p["clean"].mean())
 
 
 def main() -> None:
@@ -227,19 +228,17 @@ def main() -> None:
     for robust in ("robust_partial", "robust_denoise", "robust_all"):
         if {"plain_lora", robust} <= every.keys() and {"plain_lora", robust} & results.keys():
             p, q = every["plain_lora"]["accuracy"], every[robust]["accuracy"]
-            dp, dq = p["clean"] - p["typos"], q["clean"] - q["typos"]
-            ratio = dq / dp if dp else float("nan")
             pair = (every["plain_lora"], every[robust])
-            print(f"heavy-typo drop: plain LoRA {dp:.3f}, {robust} {dq:.3f} (ratio {ratio:.2f}"
-                  f"{interval(drop_ratio, *pair)}, bar <= 0.5); clean difference {robust} - plain "
-                  f"{q['clean'] - p['clean']:+.3f}{interval(clean_diff, *pair)} (bar >= -0.01)")
+            print(f"heavy-typo drop: plain LoRA {p['clean'] - p['typos']:.3f}, {robust} {q['clean'] - q['typos']:.3f} "
+                  f"(ratio {drop_ratio(p, q):.2f}{interval(drop_ratio, *pair)}, bar <= 0.5); clean difference "
+                  f"{robust} - plain {clean_diff(p, q):+.3f}{interval(clean_diff, *pair)} (bar >= -0.01)")
         if {"full_ft", robust} <= every.keys() and {"full_ft", robust} & results.keys():
             f, q = every["full_ft"], every[robust]
             q_s = q["train_seconds"] + q.get("strength_seconds", 0.0)  # the strength choice is part of its tuning
             print(f"wall time {robust} (training {q['train_seconds']:.0f} s + strength choice "
                   f"{q.get('strength_seconds', 0):.0f} s) / full FT ({f['train_seconds']:.0f} s): "
                   f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); clean difference {robust} - full "
-                  f"{q['accuracy']['clean'] - f['accuracy']['clean']:+.3f}{interval(clean_diff, f, q)} "
+                  f"{clean_diff(f['accuracy'], q['accuracy']):+.3f}{interval(clean_diff, f, q)} "
                   "(bar >= -0.01)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(every, indent=1))
