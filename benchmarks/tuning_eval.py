@@ -5,6 +5,7 @@ LoRA, full fine-tuning and the zero-shot base model.
     python benchmarks/tuning_eval.py --per-intent 10       # a smaller task
     python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (~24 min)
     python benchmarks/tuning_eval.py --methods robust_denoise  # ... with the optional denoiser on layers 0-5
+    python benchmarks/tuning_eval.py --seed 1 --methods plain_lora,robust_partial,full_ft  # another training seed
 
 Task (stated in the output): 5 CLINC150 domains (banking, credit_cards, kitchen_and_dining, travel, utility;
 75 intents), ``--per-intent`` training queries per intent from the official train split, test on
@@ -13,7 +14,9 @@ batch size and data through the same code (tsugiki.tuning.trainer); each runs in
 memory (max RSS) is its own. Reported per method: clean test accuracy, accuracy under each corruption family at
 ``--severity`` (typos at 0.3 = 30% of words corrupted: "heavy typos"), training wall time, peak RSS, trainable
 parameters, torch threads; then the bars of issue 4, with paired bootstrap intervals where both sides of a bar
-kept per-query hits.
+kept per-query hits. The intervals cover the test queries' sampling only; ``--seed`` retrains with another training
+seed (the same task, the same corrupted test queries) into a results file of its own, to see the training seed's
+share of the spread.
 """
 
 from __future__ import annotations
@@ -78,13 +81,13 @@ def task(args: argparse.Namespace) -> tuple[list, list, list]:
 def task_key(args: argparse.Namespace) -> dict:
     """What makes two methods' results comparable (kept with each result)."""
     return {k: getattr(args, k) for k in ("per_intent", "test_per_intent", "epochs", "batch_size", "severity",
-                                          "threads")}
+                                          "threads", "seed")}
 
 
 def configs(args: argparse.Namespace) -> dict:
     from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
 
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, num_cpus=args.threads, seed=0,
+    common = dict(epochs=args.epochs, batch_size=args.batch_size, num_cpus=args.threads, seed=args.seed,
                   max_eval_examples=10**6, gate=GateConfig(severity=args.severity))
     robust = RobustConfig(severity=args.severity)
     partial = TuneConfig(layers="upper", num_layers=args.num_layers, learning_rate=args.lora_lr, robust=robust,
@@ -187,8 +190,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--only", choices=METHODS + EXTRA_METHODS, help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tuning_eval.json"))
+    ap.add_argument("--seed", type=int, default=0, help="training seed of every method (TuneConfig.seed: data "
+                    "order, corrupted copies, LoRA init); the task and the test corruption stay fixed")
+    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/tuning_eval.json, "
+                                            "tuning_eval_seedN.json for --seed N other than 0)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = Path("benchmarks/results") / ("tuning_eval.json" if args.seed == 0
+                                                 else f"tuning_eval_seed{args.seed}.json")
     if args.only:
         print("RESULT_JSON " + json.dumps(run_one(args, args.only)), flush=True)
         return
@@ -212,7 +221,8 @@ def main() -> None:
     print(f"\nCLINC150 task: domains {', '.join(DOMAINS)} (75 intents); {r0['train']} train / {r0['val']} val "
           f"queries ({args.per_intent} per intent from the official train split, content-hash split), "
           f"test {r0['test']} queries ({args.test_per_intent} per intent, official test split); "
-          f"{args.epochs} epochs, batch {args.batch_size}; corruption severity {args.severity}; "
+          f"{args.epochs} epochs, batch {args.batch_size}; training seed {args.seed}; "
+          f"corruption severity {args.severity}; "
           f"torch threads {r0['torch_threads']}")
     cols = ["clean"] + FAMILIES
     print(f"{'method':16s} " + " ".join(f"{c:>11s}" for c in cols) + f" {'train s':>8s} {'peak MB':>8s} "
