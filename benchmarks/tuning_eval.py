@@ -15,8 +15,8 @@ memory (max RSS) is its own. Reported per method: clean test accuracy, accuracy 
 ``--severity`` (typos at 0.3 = 30% of words corrupted: "heavy typos"), training wall time, peak RSS, trainable
 parameters, torch threads; then the bars of issue 4, with paired bootstrap intervals where both sides of a bar
 kept per-query hits. The intervals cover the test queries' sampling only; ``--seed`` retrains with another training
-seed (the same task, the same corrupted test queries) into a results file of its own, to see the training seed's
-share of the spread.
+seed (the same task, the same corrupted test queries), to see the training seed's share of the spread. Each task
+(the settings in :func:`task_key`) has a results file of its own.
 """
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ def task_key(args: argparse.Namespace) -> dict:
     """What makes two methods' results comparable (kept with each result)."""
     return {k: getattr(args, k) for k in ("per_intent", "test_per_intent", "epochs", "batch_size", "severity",
                                           "threads", "seed")}
+
+
+def default_out(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Path:
+    """``benchmarks/results/tuning_eval.json`` for the default task; another task's file names the settings that
+    differ (``tuning_eval_seed1.json``), so a run on it never replaces the default task's entries."""
+    changed = [f"{k}{v}" for k, v in task_key(args).items() if v != ap.get_default(k)]
+    return Path("benchmarks/results") / ("_".join(["tuning_eval", *changed]) + ".json")
 
 
 def configs(args: argparse.Namespace) -> dict:
@@ -192,12 +199,12 @@ def main() -> None:
     ap.add_argument("--only", choices=METHODS + EXTRA_METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help="training seed of every method (TuneConfig.seed: data "
                     "order, corrupted copies, LoRA init); the task and the test corruption stay fixed")
-    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/tuning_eval.json, "
-                                            "tuning_eval_seedN.json for --seed N other than 0)")
+    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/tuning_eval.json; a task "
+                                            "other than the default's gets a name of its own, e.g. "
+                                            "tuning_eval_seed1.json, so it never replaces the default's entries)")
     args = ap.parse_args()
     if args.out is None:
-        args.out = Path("benchmarks/results") / ("tuning_eval.json" if args.seed == 0
-                                                 else f"tuning_eval_seed{args.seed}.json")
+        args.out = default_out(args, ap)
     if args.only:
         print("RESULT_JSON " + json.dumps(run_one(args, args.only)), flush=True)
         return
