@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 
 from tsugiki.errors import AdapterError
@@ -28,6 +29,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "model_card.json"  # optional provenance written by the tuning job
 REFERENCE_FILE = "drift_reference.safetensors"  # optional drift reference (tsugiki.monitoring.reference)
 COMPANION_FILES = (CARD_FILE, REFERENCE_FILE)  # travel with the weights, outside the content digest
+# rank_pattern/alpha_pattern keys are regular expressions from the artifact; Python's `re` has no time limit, and a
+# key like "(.*.*)*x" backtracks for hours on a module name, hanging the replica that loads it. They are matched
+# with the `regex` module (re-compatible syntax, a transformers dependency), which avoids most such blow-ups and
+# stops the rest after this many seconds.
+PATTERN_TIMEOUT_S = 0.25
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -143,9 +149,10 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
             raise bad(f"{key} must be an object of module pattern -> number, got {type(pattern).__name__}")
         for k, v in pattern.items():
             number(v, f"{key}[{k!r}]")
-            try:
+            try:  # PEFT matches with `re`; tsugiki with `regex`: a key must be valid for both
                 re.compile(_pattern_regex(k))
-            except re.error as e:
+                regex.compile(_pattern_regex(k))
+            except (re.error, regex.error) as e:
                 raise bad(f"{key} key {k!r} is not a regular expression: {e}") from None
 
 
@@ -154,9 +161,15 @@ def _pattern_regex(key: str) -> str:
     return rf"(?:.*\.)?{key}"
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
+def _pattern_value(pattern: dict[str, Any], module: str, default: float, where: Path) -> float:
     for key, value in (pattern or {}).items():
-        if re.fullmatch(_pattern_regex(key), module):
+        try:
+            hit = regex.fullmatch(_pattern_regex(key), module, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise AdapterError(f"{where}: rank/alpha pattern key {key!r} took over {PATTERN_TIMEOUT_S} s to match "
+                               f"module {module!r} (catastrophic backtracking); use the module's name or a dotted "
+                               "suffix of it", param="path", code="corrupt_adapter") from None
+        if hit:
             return float(value)
     return default
 
@@ -214,8 +227,8 @@ def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -
             raise AdapterError(f"{weights_file}: module {name!r} holds NaN or infinite values", param="path",
                                code="corrupt_adapter")
         r = a.shape[0]
-        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, float(cfg.get("r") or r))
-        a_m = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha)
+        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, float(cfg.get("r") or r), weights_file)
+        a_m = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha, weights_file)
         if int(r_cfg) != r:
             raise AdapterError(f"{weights_file}: module {name!r} has rank {r} but the config says {int(r_cfg)}",
                                param="path", code="corrupt_adapter")

@@ -121,6 +121,20 @@ def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: 
         read_lora_artifact(d)
 
 
+@pytest.mark.timeout(60)
+def test_pathological_pattern_keys_neither_hang_nor_crash(lora_all: Path, tmp_path: Path) -> None:
+    """A rank_pattern key that backtracks exponentially under `re` (this one ran past 20 s on a 28-character name)
+    loads (it matches nothing); one that is slow even for `regex` is refused in well under a second per module."""
+    d = _copy(lora_all, tmp_path / "a")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"(.*.*)*x": 99}}))
+    assert read_lora_artifact(d).modules
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"(?:(.)|(.))*\\d": 99}}))
+    with pytest.raises(AdapterError, match="took over .* s to match module") as e:
+        read_lora_artifact(d)
+    assert e.value.code == "corrupt_adapter"
+
+
 def test_null_alpha_and_rank_take_their_defaults(lora_all: Path, tmp_path: Path) -> None:
     d = tmp_path / "a"
     _copy(lora_all, d)
