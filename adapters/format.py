@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,9 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
 
 
 def _pattern_regex(key: str) -> str:
-    """PEFT's reading of a ``rank_pattern``/``alpha_pattern`` key: the module's name, or its dotted suffix."""
-    return rf"(?:.*\.)?{key}"
+    r"""PEFT's reading of a ``rank_pattern``/``alpha_pattern`` key (``(.*\.)?({key})$``): the module's name, or its
+    dotted suffix; the key grouped, so an alternation ("q_proj|v_proj") is one suffix pattern."""
+    return rf"(?:.*\.)?(?:{key})"
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: float, where: Path) -> float:
@@ -235,6 +237,27 @@ def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -
         scaling[name] = a_m / math.sqrt(r) if cfg.get("use_rslora") else a_m / r
         modules[name] = (a.contiguous(), b.contiguous())
     return LoraWeights(modules=modules, scaling=scaling, config=cfg, digest="", nbytes=size)
+
+
+def peft_loadable_copy(src: str | Path, dst: str | Path) -> Path:
+    """A copy of the artifact at ``src`` in the new directory ``dst`` that PEFT's own loader can be given safely.
+
+    The artifact is read and checked first (:func:`read_lora_artifact`: no pickles, patterns matched with a time
+    limit); the copy's config then names every module's rank and alpha literally (escaped full names), because PEFT
+    matches ``rank_pattern``/``alpha_pattern`` keys with ``re``, which has no time limit.
+    """
+    w = read_lora_artifact(src)
+    _, weights_file = artifact_files(Path(src))
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    shutil.copyfile(weights_file, dst / WEIGHTS_FILE)
+    cfg = dict(w.config)
+    ranks = {m: int(a.shape[0]) for m, (a, _) in w.modules.items()}
+    cfg["rank_pattern"] = {re.escape(m): r for m, r in ranks.items()}
+    root = math.sqrt if cfg.get("use_rslora") else float
+    cfg["alpha_pattern"] = {re.escape(m): w.scaling[m] * root(r) for m, r in ranks.items()}
+    (dst / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
+    return dst
 
 
 def check_fits(weights: LoraWeights, shapes: dict[str, tuple[int, int]], *, max_rank: int, base_name: str,

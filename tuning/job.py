@@ -26,7 +26,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE
+from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE, peft_loadable_copy
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import default_home
 from tsugiki.monitoring.noise import REASONS
@@ -227,7 +227,8 @@ def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *,
                         batch_size=cfg.eval_batch_size) for f in cfg.gate.families}
     incumbent = None
     if incumbent_dir is not None:
-        model.load_adapter(str(incumbent_dir), adapter_name="incumbent")
+        with tempfile.TemporaryDirectory(prefix="incumbent-") as tmp:  # checked, and its patterns made literal
+            model.load_adapter(str(peft_loadable_copy(incumbent_dir, Path(tmp) / "a")), adapter_name="incumbent")
         model.set_adapter("incumbent")
         try:
             incumbent = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)

@@ -135,6 +135,19 @@ def test_pathological_pattern_keys_neither_hang_nor_crash(lora_all: Path, tmp_pa
     assert e.value.code == "corrupt_adapter"
 
 
+def test_a_pattern_key_is_one_suffix_pattern_as_in_peft(lora_all: Path, tmp_path: Path) -> None:
+    """PEFT matches ``(.*\\.)?({key})$``: an alternation key covers every module it names, dotted prefix or not."""
+    d = _copy(lora_all, tmp_path / "a")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    r = cfg["r"]
+    every = "|".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "r": r // 2, "rank_pattern": {every: r},
+                                                       "alpha_pattern": {"v_proj|q_proj": 2 * r}}))
+    w = read_lora_artifact(d)  # every module's rank is r by the pattern (r // 2 would be refused)
+    assert {m: s for m, s in w.scaling.items() if m.endswith(("v_proj", "q_proj"))} and all(
+        s == (2.0 if m.endswith(("v_proj", "q_proj")) else cfg["lora_alpha"] / r) for m, s in w.scaling.items())
+
+
 def test_null_alpha_and_rank_take_their_defaults(lora_all: Path, tmp_path: Path) -> None:
     d = tmp_path / "a"
     _copy(lora_all, d)

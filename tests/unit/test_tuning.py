@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tsugiki.adapters.format import read_lora_artifact
 from tsugiki.adapters.store import AdapterStore
 from tsugiki.config import ModelConfig
+from tsugiki.errors import AdapterError
 from tsugiki.serve.base_model import load_base_model
 from tsugiki.tuning.config import GateConfig, RobustConfig, TuneConfig
 from tsugiki.tuning.data import (
@@ -340,6 +341,25 @@ def test_strength_choice_passes_over_strengths_the_retention_check_would_reject(
     assert report.retained_agreement == pytest.approx(r_weak)
     assert pick(1.0)[0] == 1.0 and r_weak < 1.0  # none passes: the best by loss (the gate then says why)
     assert pick((r_weak + r_full) / 2, texts=[])[0] == 1.0 and "retained" not in pick(0.5, texts=[])[1][1.0]
+
+
+@pytest.mark.timeout(120)
+def test_the_gate_gives_peft_the_incumbent_only_as_a_checked_copy(tiny_dir: Path, tmp_path: Path) -> None:
+    """PEFT's loader would unpickle a .bin-only incumbent and match its pattern keys with `re`, where "(.*.*)*x"
+    backtracks for minutes on every module name: the gate refuses the one and loads the other in no time."""
+    t = _trainer(tiny_dir, _cfg(tiny_dir))
+    t.train(stop_after=2)
+    inc = tmp_path / "inc"
+    t.model.save_pretrained(inc)
+    cfg_file = inc / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "rank_pattern": {"(.*.*)*x": 99}}))
+    val = [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(8)]
+    report = run_gate(_cfg(tiny_dir), t.model, t.tok, val, strength=1.0, incumbent_dir=inc, retain_texts=[])
+    assert report.negative_flip_rate == 0.0  # the candidate against itself
+    assert "incumbent" not in t.model.peft_config
+    (inc / "adapter_model.safetensors").rename(inc / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="pickle"):
+        run_gate(_cfg(tiny_dir), t.model, t.tok, val, strength=1.0, incumbent_dir=inc, retain_texts=[])
 
 
 def test_strength_zero_is_the_base_model(tiny_dir: Path) -> None:
