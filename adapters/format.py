@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,10 @@ REFERENCE_FILE = "drift_reference.safetensors"  # optional drift reference (tsug
 COMPANION_FILES = (CARD_FILE, REFERENCE_FILE)  # travel with the weights, outside the content digest
 # rank_pattern/alpha_pattern keys are regular expressions from the artifact; Python's `re` has no time limit, and a
 # key like "(.*.*)*x" backtracks for hours on a module name, hanging the replica that loads it. They are matched
-# with the `regex` module (re-compatible syntax, a transformers dependency), which avoids most such blow-ups and
-# stops the rest after this many seconds.
-PATTERN_TIMEOUT_S = 0.25
+# with the `regex` module (re-compatible syntax, a transformers dependency), which avoids most such blow-ups, within
+# this many seconds for all of an artifact's keys and modules (real keys take microseconds; a limit per match would
+# let many slow keys times hundreds of modules add up to minutes).
+PATTERN_BUDGET_S = 1.0
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -163,14 +165,15 @@ def _pattern_regex(key: str) -> str:
     return rf"(?:.*\.)?(?:{key})"
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: float, where: Path) -> float:
+def _pattern_value(pattern: dict[str, Any], module: str, default: float, where: Path, deadline: float) -> float:
     for key, value in (pattern or {}).items():
         try:
-            hit = regex.fullmatch(_pattern_regex(key), module, timeout=PATTERN_TIMEOUT_S)
+            hit = regex.fullmatch(_pattern_regex(key), module, timeout=max(deadline - time.monotonic(), 1e-3))
         except TimeoutError:
-            raise AdapterError(f"{where}: rank/alpha pattern key {key!r} took over {PATTERN_TIMEOUT_S} s to match "
-                               f"module {module!r} (catastrophic backtracking); use the module's name or a dotted "
-                               "suffix of it", param="path", code="corrupt_adapter") from None
+            raise AdapterError(f"{where}: matching the rank/alpha pattern keys against the module names took over "
+                               f"{PATTERN_BUDGET_S} s (catastrophic backtracking, at key {key!r} on module "
+                               f"{module!r}); use module names or dotted suffixes of them", param="path",
+                               code="corrupt_adapter") from None
         if hit:
             return float(value)
     return default
@@ -210,6 +213,7 @@ def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -
         raise AdapterError(f"{weights_file} holds no LoRA weights", param="path", code="corrupt_adapter")
 
     alpha = float(cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else cfg.get("r") or 8)
+    deadline = time.monotonic() + PATTERN_BUDGET_S
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     scaling: dict[str, float] = {}
     for name, ab in pairs.items():
@@ -229,8 +233,8 @@ def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -
             raise AdapterError(f"{weights_file}: module {name!r} holds NaN or infinite values", param="path",
                                code="corrupt_adapter")
         r = a.shape[0]
-        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, float(cfg.get("r") or r), weights_file)
-        a_m = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha, weights_file)
+        r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, name, float(cfg.get("r") or r), weights_file, deadline)
+        a_m = _pattern_value(cfg.get("alpha_pattern") or {}, name, alpha, weights_file, deadline)
         if int(r_cfg) != r:
             raise AdapterError(f"{weights_file}: module {name!r} has rank {r} but the config says {int(r_cfg)}",
                                param="path", code="corrupt_adapter")
