@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tsugiki.adapters.format import read_lora_artifact
+from tsugiki.adapters.format import peft_loadable_copy, read_lora_artifact
 from tsugiki.adapters.store import AdapterStore
 from tsugiki.config import ModelConfig
 from tsugiki.errors import AdapterError
@@ -353,6 +353,15 @@ def test_the_gate_gives_peft_the_incumbent_only_as_a_checked_copy(tiny_dir: Path
     t.model.save_pretrained(inc)
     cfg_file = inc / "adapter_config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "rank_pattern": {"(.*.*)*x": 99}}))
+    # the copy PEFT gets is the same adapter: every module's weights and scaling as the candidate's own
+    t.model.load_adapter(str(peft_loadable_copy(inc, tmp_path / "copy")), adapter_name="check")
+    adapted = [m for m in t.model.modules() if isinstance(getattr(m, "scaling", None), dict) and "check" in m.scaling]
+    assert adapted
+    for m in adapted:
+        assert m.scaling["check"] == pytest.approx(m.scaling["default"])
+        assert torch.equal(m.lora_A["check"].weight, m.lora_A["default"].weight)
+        assert torch.equal(m.lora_B["check"].weight, m.lora_B["default"].weight)
+    t.model.delete_adapter("check")
     val = [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(8)]
     report = run_gate(_cfg(tiny_dir), t.model, t.tok, val, strength=1.0, incumbent_dir=inc, retain_texts=[])
     assert report.negative_flip_rate == 0.0  # the candidate against itself
