@@ -132,7 +132,8 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
         t0 = time.time()
         model, res = fit(cfg, loaded, data, progress=True)
         # all of fit(): layer choice, model build, encoding and corrupting, the frozen pass, the steps
-        out.update(train_seconds=time.time() - t0, frozen_pass=res.frozen_pass, loop_seconds=res.seconds,
+        out.update(config=cfg.model_dump(mode="json"),  # the recipe as run (schedule, worst-of, ...)
+                   train_seconds=time.time() - t0, frozen_pass=res.frozen_pass, loop_seconds=res.seconds,
                    steps=res.steps,
                    trainable_params=res.trainable_params, layers=res.layers,
                    final_loss=res.final_loss, peak_rss_mb=peak_rss_mb(), denoise=res.denoise)

@@ -42,6 +42,13 @@ class RobustConfig(_Frozen):
                                                      "makes no copy).")
     consistency_weight: float = Field(default=1.0, ge=0,
                                       description="Weight of KL(clean || noisy) over the completion tokens.")
+    worst_of: bool = Field(default=True, description="Each step trains on the copy the model currently gets most "
+                                                     "wrong (highest loss of all `copies`, one extra forward pass "
+                                                     "of the copies per step) instead of cycling through them: "
+                                                     "worst-of-k adversarial augmentation. On CLINC150's val "
+                                                     "split (linear schedule) it cut the heavy-typo drop from "
+                                                     "0.142 to 0.111 (plain LoRA's: 0.242), for 1.75x the "
+                                                     "steps' time (benchmarks/README.md).")
     denoise_layers: int = Field(default=0, ge=0,
                                 description="Lowest layers (0..n-1, below the task layers) given a LoRA trained "
                                             "first to map corrupted inputs' hidden states onto the clean "
@@ -115,6 +122,12 @@ class TuneConfig(_Frozen):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        default="linear", description="'linear': warm up over `warmup_ratio` of the steps, then decay to 0 (as "
+                                      "transformers' Trainer does by default). On CLINC150's val split it lifted "
+                                      "the robust recipe's clean accuracy from 0.884 to 0.938 and plain LoRA's "
+                                      "from 0.893 to 0.929 (benchmarks/README.md).")
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     epochs: int = Field(default=3, gt=0)
     batch_size: int = Field(default=16, gt=0)
     max_length: int = Field(default=128, gt=8, description="Tokens per example (prompt + completion), cut left.")

@@ -271,6 +271,16 @@ def frozen_bfloat16(setting: str, device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def lr_factor(cfg: TuneConfig, step: int, total: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total``, as a share of ``cfg.learning_rate``."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    warm = max(1, round(cfg.warmup_ratio * total))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
 class Trainer:
     """Trains ``model`` in place (a PEFT model for 'lora', the bare model for 'full') on encoded examples."""
 
@@ -424,11 +434,29 @@ class Trainer:
         """The variant key of the noisy copy example ``i`` trains on in ``epoch`` (it has at least one)."""
         return 1 + epoch % len(self.noisy[i])
 
+    @torch.no_grad()
+    def worst_variants(self, examples: list[int]) -> dict[int, int]:
+        """For each example, the noisy copy with the highest completion loss under the current weights (in the
+        training precision: a bfloat16 ranking was 18% faster on 2 cores but did worse on CLINC150's val split)."""
+        keys = [(i, v) for i in examples for v in range(1, len(self.noisy[i]) + 1)]
+        logits, target = self._logits(keys)
+        ce = F.cross_entropy(logits, target, reduction="none")
+        counts = [len(self._enc(k).ids) - self._enc(k).n_prompt for k in keys]
+        best: dict[int, tuple[float, int]] = {}
+        for (i, v), part in zip(keys, torch.split(ce, counts)):
+            s = float(part.sum())
+            if i not in best or s > best[i][0]:
+                best[i] = (s, v)
+        return {i: v for i, (_, v) in best.items()}
+
     def loss(self, batch: list[int], epoch: int) -> torch.Tensor:
         rc = self.cfg.robust
         noisy = [i for i in batch if self.noisy[i]] if rc is not None else []
+        variant = {i: self.noisy_variant(i, epoch) for i in noisy}
+        if rc is not None and rc.worst_of and rc.copies > 1 and noisy:
+            variant = self.worst_variants(noisy)
         # clean inputs and this epoch's noisy copies in one pass through the trained layers
-        keys = [(i, 0) for i in batch] + [(i, self.noisy_variant(i, epoch)) for i in noisy]
+        keys = [(i, 0) for i in batch] + [(i, variant[i]) for i in noisy]
         all_logits, all_target = self._logits(keys)
         n_clean = sum(len(self.clean[i].ids) - self.clean[i].n_prompt for i in batch)
         logits, target = all_logits[:n_clean], all_target[:n_clean]
@@ -526,8 +554,10 @@ class Trainer:
         if self.start > 0:  # every input the rest of the run will see, through the frozen layers once, length-sorted
             # (noisy copies that only finished epochs, or no epoch at all, train on are skipped)
             left = range(step // per_epoch, self.cfg.epochs)
+            every = self.cfg.robust is not None and self.cfg.robust.worst_of and self.cfg.robust.copies > 1
             self._prefix([(i, v) for i in range(len(self.clean))
-                          for v in sorted({0} | {self.noisy_variant(i, e) for e in left if self.noisy[i]})],
+                          for v in sorted({0} | ({*range(1, len(self.noisy[i]) + 1)} if every else
+                                                 {self.noisy_variant(i, e) for e in left if self.noisy[i]}))],
                          progress=True)
         resumed = step
         t0 = time.time()
@@ -538,6 +568,8 @@ class Trainer:
                 if epoch * per_epoch + b < step:
                     continue
                 loss = self.loss(batch, epoch)
+                for g in self.opt.param_groups:
+                    g["lr"] = self.cfg.learning_rate * lr_factor(self.cfg, step, total)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()

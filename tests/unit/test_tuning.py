@@ -28,7 +28,15 @@ from tsugiki.tuning.data import (
 )
 from tsugiki.tuning.gate import decide, negative_flip_rate
 from tsugiki.tuning.job import build_model, choose_layers, pick_strength, run_gate, run_local, set_strength
-from tsugiki.tuning.trainer import Encoded, Trainer, correct, frozen_bfloat16, noisy_copies, shared_head
+from tsugiki.tuning.trainer import (
+    Encoded,
+    Trainer,
+    correct,
+    frozen_bfloat16,
+    lr_factor,
+    noisy_copies,
+    shared_head,
+)
 
 WORDS = ["book a flight to tokyo", "set an alarm for 7 am", "what is my balance", "the capital of france",
          "hello world how are you", "the quick brown fox", "jumps over the lazy dog", "paris is the capital"]
@@ -215,8 +223,32 @@ def test_robust_loss_is_clean_plus_noisy_cross_entropy_plus_consistency(tiny_dir
     assert got == pytest.approx(float(want), abs=1e-5) and float(kl) > 0
 
 
+def test_worst_of_trains_each_example_on_its_highest_loss_copy(tiny_dir: Path) -> None:
+    rc = RobustConfig(families=("typos", "keyboard", "ocr"), copies=3, worst_of=True)
+    t = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="float32", robust=rc))
+    _same_lora_weights(t)
+    batch = [0, 1, 2, 5]
+    F = torch.nn.functional
+    with torch.no_grad():
+        per_copy = {(i, v): float(F.cross_entropy(*t._logits([(i, v)]), reduction="sum"))
+                    for i in batch for v in (1, 2, 3)}
+        worst = {i: max((1, 2, 3), key=lambda v, i=i: per_copy[(i, v)]) for i in batch}
+        assert t.worst_variants(batch) == worst
+        assert len({per_copy[(i, v)] for i in batch for v in (1, 2, 3)}) > len(batch)  # the copies differ
+        assert any(worst[i] != t.noisy_variant(i, 0) for i in batch)  # not the copy cycling would pick
+        got = float(t.loss(batch, 0))
+        c_logits, c_target = t._logits([(i, 0) for i in batch])
+        n_logits, n_target = t._logits([(i, worst[i]) for i in batch])
+    kl = F.kl_div(n_logits.log_softmax(-1), c_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    want = F.cross_entropy(c_logits, c_target) + F.cross_entropy(n_logits, n_target) + rc.consistency_weight * kl
+    assert got == pytest.approx(float(want), abs=1e-5)
+    fresh = _trainer(tiny_dir, _cfg(tiny_dir, epochs=2, robust=rc))
+    fresh.train(stop_after=1)
+    assert {v for _, v in fresh._cache} == {0, 1, 2, 3}  # every copy is a candidate in every epoch
+
+
 def test_the_frozen_pass_covers_the_noisy_copies_the_epochs_use(tiny_dir: Path) -> None:
-    rc = RobustConfig(families=("typos", "keyboard", "ocr"), copies=3)
+    rc = RobustConfig(families=("typos", "keyboard", "ocr"), copies=3, worst_of=False)
     t = _trainer(tiny_dir, _cfg(tiny_dir, epochs=2, robust=rc))
     assert all(len(t.noisy[i]) == 3 for i in range(len(t.clean)))
     t.train(stop_after=1)
@@ -228,7 +260,8 @@ def test_the_frozen_pass_covers_the_noisy_copies_the_epochs_use(tiny_dir: Path) 
 
 
 def test_a_resumed_run_skips_the_copies_of_finished_epochs(tiny_dir: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tiny_dir, epochs=2, robust=RobustConfig(families=("typos", "keyboard", "ocr"), copies=3))
+    cfg = _cfg(tiny_dir, epochs=2, robust=RobustConfig(families=("typos", "keyboard", "ocr"), copies=3,
+                                                       worst_of=False))
     first = _trainer(tiny_dir, cfg, ckpt=tmp_path / "ckpt")
     per_epoch = len(first.order(0))
     first.train(stop_after=per_epoch + cfg.checkpoint_every - per_epoch % cfg.checkpoint_every)
@@ -299,8 +332,20 @@ def test_training_lowers_the_loss_and_full_method_trains_everything(tiny_dir: Pa
     assert full.train().trainable_params > 20 * res.trainable_params
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_dir: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tiny_dir, epochs=2)  # 8 steps, checkpoints every 3
+def test_linear_schedule_warms_up_then_decays_to_zero(tiny_dir: Path) -> None:
+    cfg = _cfg(tiny_dir, lr_schedule="linear", warmup_ratio=0.1)
+    f = [lr_factor(cfg, s, 100) for s in range(100)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)]) and f[9] == 1.0
+    assert f[10] == 1.0 and all(a > b for a, b in zip(f[10:], f[11:])) and f[-1] == pytest.approx(1 / 90)
+    assert {lr_factor(_cfg(tiny_dir, lr_schedule="constant"), s, 100) for s in range(100)} == {1.0}
+    t = _trainer(tiny_dir, cfg)  # 8 steps: 1 of warm-up, the last at 1/7 of the rate
+    t.train()
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(cfg.learning_rate / 7)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_killed_run_resumes_to_the_same_weights(tiny_dir: Path, tmp_path: Path, schedule: str) -> None:
+    cfg = _cfg(tiny_dir, epochs=2, lr_schedule=schedule)  # 8 steps, checkpoints every 3
     whole = _trainer(tiny_dir, cfg, tmp_path / "a")
     whole.train()
     first = _trainer(tiny_dir, cfg, tmp_path / "b")
