@@ -3,7 +3,7 @@ LoRA, full fine-tuning and the zero-shot base model.
 
     python benchmarks/tuning_eval.py                       # all four methods, each in its own process
     python benchmarks/tuning_eval.py --per-intent 10       # a smaller task
-    python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (~24 min)
+    python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (the slowest)
     python benchmarks/tuning_eval.py --methods robust_denoise  # ... with the optional denoiser on layers 0-5
     python benchmarks/tuning_eval.py --seed 1 --methods plain_lora,robust_partial,full_ft  # another training seed
 
