@@ -30,7 +30,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "model_card.json"  # optional provenance written by the tuning job
 REFERENCE_FILE = "drift_reference.safetensors"  # optional drift reference (tsugiki.monitoring.reference)
-COMPANION_FILES = (CARD_FILE, REFERENCE_FILE)  # travel with the weights, outside the content digest
+LEXICON_FILE = "lexicon.json"  # optional word recognition in front of the adapter (tsugiki.adapters.lexicon)
+COMPANION_FILES = (CARD_FILE, REFERENCE_FILE, LEXICON_FILE)  # travel with the weights, outside the content digest
 # rank_pattern/alpha_pattern keys are regular expressions from the artifact; Python's `re` has no time limit, and a
 # key like "(.*.*)*x" backtracks for hours on a module name, hanging the replica that loads it. They are matched
 # with the `regex` module (re-compatible syntax, a transformers dependency), which avoids most such blow-ups, within

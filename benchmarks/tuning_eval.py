@@ -115,7 +115,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     from tsugiki.config import ModelConfig
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
     from tsugiki.tuning.data import TuningData
-    from tsugiki.tuning.job import default_retain_texts, fit, pick_strength
+    from tsugiki.tuning.job import build_lexicon, default_retain_texts, fit, pick_strength
     from tsugiki.tuning.trainer import evaluate, peak_rss_mb
 
     threads = set_torch_threads(args.threads)
@@ -126,6 +126,7 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     out: dict = {"method": method, "task": task_key(args), "torch_threads": threads, "train": len(train),
                  "val": len(val), "test": len(test), "rss_before_mb": rss0}
     model = loaded.model
+    lexicon = None
     if method != "zero_shot":
         cfg = configs(args)[method]
         data = TuningData(train=train, val=val, data_hash="bench", labels=[])
@@ -139,15 +140,26 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
                    final_loss=res.final_loss, peak_rss_mb=peak_rss_mb(), denoise=res.denoise)
         if cfg.robust is not None:
             t0 = time.time()
-            strength, table = pick_strength(cfg, model, tok, val, res.layers, retain_texts=default_retain_texts())
-            out.update(strength=strength, strength_table=table, strength_seconds=time.time() - t0)
+            lexicon = build_lexicon(cfg, tok, train)  # the word recognition the adapter ships (robust.lexicon)
+            strength, table = pick_strength(cfg, model, tok, val, res.layers, retain_texts=default_retain_texts(),
+                                            lexicon=lexicon)
+            out.update(strength=strength, strength_table=table, strength_seconds=time.time() - t0,
+                       lexicon=None if lexicon is None else {"words": len(lexicon.counts),
+                                                             "known": len(lexicon.known)})
     model.eval()
     t0 = time.time()
     with torch.no_grad():
-        hits = {"clean": evaluate(model, tok, test, batch_size=32)}
+        # what the gateway serves: the adapter behind its lexicon, when it ships one
+        hits = {"clean": evaluate(model, tok, test, batch_size=32, lexicon=lexicon)}
         for fam in FAMILIES:
-            hits[fam] = evaluate(model, tok, test, family=fam, severity=args.severity, seed=7, batch_size=32)
+            hits[fam] = evaluate(model, tok, test, family=fam, severity=args.severity, seed=7, batch_size=32,
+                                 lexicon=lexicon)
             log(f"{method}: {fam} {hits[fam].mean():.3f}")
+        if lexicon is not None:  # the same adapter without it: what the training alone gives
+            raw = {"clean": evaluate(model, tok, test, batch_size=32),
+                   "typos": evaluate(model, tok, test, family="typos", severity=args.severity, seed=7, batch_size=32)}
+            out["accuracy_without_lexicon"] = {k: float(v.mean()) for k, v in raw.items()}
+            log(f"{method} without its lexicon: clean {raw['clean'].mean():.3f}, typos {raw['typos'].mean():.3f}")
     # per-query hits ("0"/"1" per test query, in test order) let the bars carry paired bootstrap intervals
     out.update(accuracy={k: float(v.mean()) for k, v in hits.items()},
                hits={k: "".join("1" if x else "0" for x in v) for k, v in hits.items()},

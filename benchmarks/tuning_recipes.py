@@ -46,7 +46,7 @@ def main() -> None:
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
     from tsugiki.tuning.config import RobustConfig, TuneConfig
     from tsugiki.tuning.data import TuningData
-    from tsugiki.tuning.job import default_retain_texts, fit, pick_strength, set_strength
+    from tsugiki.tuning.job import build_lexicon, default_retain_texts, fit, pick_strength, set_strength
     from tsugiki.tuning.trainer import evaluate
 
     threads = set_torch_threads(args.threads)
@@ -63,17 +63,22 @@ def main() -> None:
     model, res = fit(cfg, loaded, TuningData(train=train, val=val, data_hash="bench", labels=[]), progress=True)
     train_s = time.time() - t0
     t0 = time.time()
-    chosen, _ = pick_strength(cfg, model, loaded.tokenizer, val, res.layers, retain_texts=default_retain_texts())
+    lexicon = build_lexicon(cfg, loaded.tokenizer, train)
+    chosen, _ = pick_strength(cfg, model, loaded.tokenizer, val, res.layers, retain_texts=default_retain_texts(),
+                              lexicon=lexicon)
     strength_s = time.time() - t0
     model.eval()
     acc = {}
     for s in sorted({chosen, 1.0}):
         if cfg.method == "lora":
             set_strength(model, s)
-        with torch.no_grad():
-            clean = float(np.mean(evaluate(model, loaded.tokenizer, dev)))
-            typos = float(np.mean(evaluate(model, loaded.tokenizer, dev, family="typos", severity=0.3, seed=7)))
-        acc[str(s)] = {"clean": round(clean, 3), "typos": round(typos, 3), "drop": round(clean - typos, 3)}
+        # behind the lexicon when the recipe ships one (as served), and without it
+        for key, lex in ([(str(s), lexicon)] + ([(f"{s} without lexicon", None)] if lexicon is not None else [])):
+            with torch.no_grad():
+                clean = float(np.mean(evaluate(model, loaded.tokenizer, dev, lexicon=lex)))
+                typos = float(np.mean(evaluate(model, loaded.tokenizer, dev, family="typos", severity=0.3, seed=7,
+                                               lexicon=lex)))
+            acc[key] = {"clean": round(clean, 3), "typos": round(typos, 3), "drop": round(clean - typos, 3)}
     rec = {"name": args.name, "overrides": args.overrides, "torch_threads": threads, "dev": len(dev),
            "train_s": round(train_s, 1), "loop_s": round(res.seconds, 1), "strength_s": round(strength_s, 1),
            "layers": res.layers, "chosen_strength": chosen, "accuracy": acc}

@@ -509,6 +509,9 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
             # Applications can act on noisy input (ask to rephrase, route to a robust adapter).
             headers["x-tsugiki-noise-score"] = f"{first['noise']['score']:.3f}"
             headers["x-tsugiki-noise-reasons"] = ",".join(first["noise"]["reasons"]) or "none"
+        if first.get("corrected_words"):
+            # the adapter's lexicon corrected this many of the user's words before the model read them
+            headers["x-tsugiki-corrected-words"] = str(first["corrected_words"])
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{rid}"
         created = int(time.time())
         if body.stream:

@@ -64,6 +64,9 @@ class EngineMetrics:
                                          registry=registry)
         self.decode_seconds = Histogram("tsugiki_decode_step_seconds", "Decode forward pass time.", buckets=_STEP,
                                         registry=registry)
+        self.corrected_words = Counter("tsugiki_corrected_words",
+                                       "Words of requests that an adapter's lexicon corrected before the model read "
+                                       "them (adapters/lexicon.py).", ["adapter"], registry=registry)
 
 
 class MergedExpositions(Collector):

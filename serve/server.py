@@ -5,9 +5,11 @@ benchmarks use it in-process. Everything that crosses a process boundary is a pl
 
 Generation protocol: :meth:`ModelServer.generate` takes a payload dict and yields event dicts. The first event
 is ``{"type": "error", "error": {...}}`` (the request was refused; nothing else follows) or
-``{"type": "start", "prompt_tokens", "adapter", "noise"}`` (``noise``: the request's noise score and reasons, or
-None with monitoring off); then ``{"type": "token", ...}`` events, the last one with a ``finish_reason`` and
-``engine_seconds``. After the last event the request's observation goes to the monitor's shipper.
+``{"type": "start", "prompt_tokens", "adapter", "noise", "corrected_words"}`` (``noise``: the request's noise score
+and reasons, or None with monitoring off; ``corrected_words``: how many of the user's words the adapter's lexicon
+corrected before the model read them, see adapters/lexicon.py); then ``{"type": "token", ...}`` events, the
+last one with a ``finish_reason`` and ``engine_seconds``. After the last event the request's observation goes to
+the monitor's shipper.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,10 +29,12 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tsugiki.adapters.format import AdapterRef
+from tsugiki.adapters.lexicon import Lexicon
 from tsugiki.adapters.routing import AliasRouter
 from tsugiki.adapters.store import AdapterStore, check_name, inside_roots
 from tsugiki.config import Settings
 from tsugiki.errors import (
+    AdapterError,
     ContextLengthError,
     EngineError,
     InvalidRequestError,
@@ -45,7 +50,7 @@ from tsugiki.serve.engine import AsyncEngine, EngineCore, GenerationRequest, Tok
 from tsugiki.serve.metrics import EngineMetrics
 from tsugiki.serve.outcomes import OutcomeRecorder
 from tsugiki.serve.sampling import SamplingParams
-from tsugiki.tuning.data import text_of_label_prompt
+from tsugiki.tuning.data import label_prompt, text_of_label_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ class _Routed:
 
 
 REFERENCE_RETRY_S = 60.0  # a drift reference the monitor did not take is offered again after this long
+LEXICON_CACHE = 64  # adapter versions whose lexicons a replica keeps parsed (each: ~1 MB for ~2,000 task words)
 
 
 class ModelServer:
@@ -152,6 +158,7 @@ class ModelServer:
                                   refresh_s=settings.registry.refresh_s)
         self.outcomes = OutcomeRecorder(control.record_outcomes if control else None)
         self._tasks: set[asyncio.Task[Any]] = set()  # shadow requests, reference hand-overs: off the request path
+        self._lexicons: OrderedDict[str, Lexicon | None] = OrderedDict()  # version -> its lexicon (LRU)
         logger.info("model server ready", extra={"base_model": self.info.name, "threads": self.torch_threads})
 
     # ---- metadata ------------------------------------------------------------------------------------------------
@@ -180,10 +187,12 @@ class ModelServer:
 
         def read_and_store() -> Any:
             weights = self.core.read_adapter(str(real), repr(name))
+            lexicon = Lexicon.load(real)  # a broken lexicon is refused here, with the fix, not at first use
             ref = self.store.put(name, real)
-            return weights, ref
+            return weights, ref, lexicon
 
-        weights, ref = await asyncio.to_thread(read_and_store)
+        weights, ref, lexicon = await asyncio.to_thread(read_and_store)
+        self._remember_lexicon(ref, lexicon)
 
         def install() -> None:
             self.core.sync_store()  # drop the replaced version (unless running sequences still use it)
@@ -220,6 +229,61 @@ class ModelServer:
         ref = await asyncio.to_thread(self.store.deactivate, name)
         await self.engine.call(self.core.sync_store)
         return {"name": ref.name, "version": ref.version, "digest": ref.digest, "active": False}
+
+    # ---- word recognition ----------------------------------------------------------------------------------------
+    def _remember_lexicon(self, ref: AdapterRef, lexicon: Lexicon | None) -> None:
+        key = f"{ref.key}-{ref.digest}"
+        self._lexicons[key] = lexicon
+        self._lexicons.move_to_end(key)
+        while len(self._lexicons) > LEXICON_CACHE:
+            self._lexicons.popitem(last=False)
+
+    async def _lexicon(self, routed: _Routed) -> Lexicon | None:
+        """The lexicon the routed adapter version ships (None: the base model, or a version without one). Read
+        from the store once per version (off the event loop); a lexicon that cannot be read serves without word
+        recognition and says so in the log, since the weights themselves are fine."""
+        if routed.adapter is None:
+            return None
+        ref = routed.version or self.store.resolve(routed.adapter)
+        if ref is None:
+            return None
+        key = f"{ref.key}-{ref.digest}"
+        if key in self._lexicons:
+            self._lexicons.move_to_end(key)
+            return self._lexicons[key]
+        try:
+            lexicon = await asyncio.to_thread(Lexicon.load, self.store.path_of(ref))
+        except (AdapterError, OSError) as e:
+            logger.warning("adapter lexicon unusable; serving without word recognition",
+                           extra={"adapter": ref.key, "error": str(e)})
+            lexicon = None
+        self._remember_lexicon(ref, lexicon)
+        return lexicon
+
+    @staticmethod
+    def _recognised(payload: dict[str, Any], lexicon: Lexicon | None) -> tuple[dict[str, Any], int]:
+        """The payload with the user's words corrected by ``lexicon`` (the user messages of a chat; the text inside
+        a label-template prompt, or the whole prompt), and how many words changed. Token-id prompts and the
+        template's own words are left alone."""
+        if lexicon is None:
+            return payload, 0
+        changed = 0
+
+        def fix(text: str) -> str:
+            nonlocal changed
+            new = lexicon.correct(text)
+            changed += sum(a != b for a, b in zip(text.split(" "), new.split(" ")))
+            return new
+
+        if payload.get("messages") is not None:
+            msgs = [{**m, "content": fix(m["content"])} if m.get("role") == "user" and isinstance(m.get("content"), str)
+                    else m for m in payload["messages"]]
+            return {**payload, "messages": msgs}, changed
+        prompt = payload.get("prompt")
+        if not isinstance(prompt, str):
+            return payload, 0
+        inner = text_of_label_prompt(prompt)
+        return {**payload, "prompt": fix(prompt) if inner is None else label_prompt(fix(inner))}, changed
 
     # ---- generation ----------------------------------------------------------------------------------------------
     def _prompt_ids(self, payload: dict[str, Any]) -> list[int]:
@@ -328,14 +392,19 @@ class ModelServer:
         t0 = time.perf_counter()
         try:
             routed = await self._route(payload, request_id)
-            ids = self._prompt_ids(payload)
-            params = self._params(payload, len(ids))
+            # the model reads the user's words as the adapter's lexicon corrects them; noise scoring, captures
+            # and the monitor see them as sent
+            served, corrected = self._recognised(payload, await self._lexicon(routed))
+            ids = self._prompt_ids(served)
+            params = self._params(served, len(ids))
         except TsugikiError as e:
             yield {"type": "error", "error": e.to_dict()}
             return
         # Metric and monitor label: the routed version for alias traffic (bounded by the registry), else the name.
         label = routed.key or routed.adapter or self.info.name
         noise = self._noise(payload, len(ids), label)
+        if corrected:
+            self.metrics.corrected_words.labels(label).inc(corrected)
         req = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids), params=params, adapter=routed.adapter,
                                 version=routed.version)
         started = False
@@ -351,7 +420,8 @@ class ModelServer:
                         self._background(self._ship_reference(label, ev.adapter))
                     yield {"type": "start", "prompt_tokens": len(ids),
                            "adapter": ev.adapter.key if ev.adapter else None, "alias": routed.alias,
-                           "noise": {"score": round(noise.score, 4), "reasons": list(noise.reasons)} if noise else None}
+                           "noise": {"score": round(noise.score, 4), "reasons": list(noise.reasons)} if noise else None,
+                           "corrected_words": corrected}
                 if ev.logprob is not None:
                     logprobs.append(ev.logprob)
                 text.append(ev.text)

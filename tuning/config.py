@@ -50,6 +50,12 @@ class RobustConfig(_Frozen):
                                                      "0.142 to 0.111 (plain LoRA's: 0.242), for 1.75x the "
                                                      "steps' time; on its test split the drop is 0.63 of plain "
                                                      "LoRA's (benchmarks/README.md).")
+    lexicon: bool = Field(default=True, description="Ship a word-recognition lexicon of the training texts with "
+                                                    "the adapter (tsugiki/adapters/lexicon.py): the gateway maps "
+                                                    "a request's misspelled words back to the task's words "
+                                                    "before the model reads them, and the strength choice and the "
+                                                    "gate measure the adapter behind it. It leaves the trained "
+                                                    "weights as they are.")
     denoise_layers: int = Field(default=0, ge=0,
                                 description="Lowest layers (0..n-1, below the task layers) given a LoRA trained "
                                             "first to map corrupted inputs' hidden states onto the clean "
@@ -165,10 +171,11 @@ class TuneConfig(_Frozen):
         return v
 
     def fingerprint(self) -> str:
-        """Hash of what determines the trained weights (not the gate, the strength grid, resources or
-        evaluation sizes): a rejected run rerun with a looser gate resumes instead of retraining."""
+        """Hash of what determines the trained weights (not the gate, the strength grid, the lexicon, resources
+        or evaluation sizes): a rejected run rerun with a looser gate resumes instead of retraining."""
         d = self.model_dump(mode="json", exclude={"gate", "num_cpus", "num_gpus", "eval_batch_size",
                                                   "max_eval_examples", "checkpoint_every", "drift_reference"})
         if d.get("robust"):
             d["robust"].pop("strengths", None)
+            d["robust"].pop("lexicon", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,7 +6,8 @@ and GPUs (on a KubeRay cluster it lands on a worker with a GPU; on a laptop it r
 job again resumes from its last checkpoint, and Ray retries a task whose worker died the same way.
 
 A candidate that fails the gate is kept aside (``<work_dir>/<name>/<run_id>/rejected``) with its report and is
-never written to the store; a passing one becomes a new store version with ``model_card.json`` beside it.
+never written to the store; a passing one becomes a new store version with ``model_card.json`` beside it (and
+``lexicon.json``, the word recognition the gateway puts in front of it, tsugiki/adapters/lexicon.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE, peft_loadable_copy
+from tsugiki.adapters.lexicon import Lexicon, common_words
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import default_home
 from tsugiki.monitoring.noise import REASONS
@@ -171,12 +173,22 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
     return model, result
 
 
+def build_lexicon(cfg: TuneConfig, tokenizer: Any, train: Sequence[Example]) -> Lexicon | None:
+    """The word-recognition lexicon the adapter ships (``robust.lexicon``): the training examples' user words,
+    with the base model's common words left alone; None when off or when no example has free text (chats)."""
+    texts = [e.text for e in train if e.text is not None]
+    if cfg.robust is None or not cfg.robust.lexicon or not texts:
+        return None
+    return Lexicon.build(texts, common_words(tokenizer))
+
+
 def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:
     return data.val[: cfg.max_eval_examples]
 
 
 def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], layers: list[int], *,
-                  retain_texts: Sequence[str] = ()) -> tuple[float, dict[float, dict[str, float]]]:
+                  retain_texts: Sequence[str] = (), lexicon: Lexicon | None = None
+                  ) -> tuple[float, dict[float, dict[str, float]]]:
     """The strength with the lowest mean of clean and noisy validation loss (ties: the larger).
 
     Teacher-forced loss over the completion tokens, with the frozen prefix computed once for all strengths:
@@ -188,6 +200,8 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
     while any strength meets it: interpolating towards the base model is WiSE-FT's way of keeping its behaviour,
     so a candidate that fits its task a little less but keeps the base model's behaviour beats one the gate
     would reject.
+
+    With ``lexicon`` the validation inputs are scored as the gateway hands them to the model (corrected).
     """
     rc = cfg.robust
     strengths = rc.strengths if rc is not None and rc.strengths else (1.0,)
@@ -206,7 +220,7 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
     for s in sorted(set(strengths)):
         set_strength(model, s)
         if scorer is None or below:
-            scorer = Trainer(cfg, model, tokenizer, val, layers=layers, progress=False)
+            scorer = Trainer(cfg, model, tokenizer, val, layers=layers, progress=False, lexicon=lexicon)
         clean, noisy = scorer.mean_loss(0), scorer.mean_loss(1)
         table[s] = {"clean_loss": clean, "noisy_loss": noisy, "score": (clean + noisy) / 2}
         if base is not None:
@@ -219,19 +233,22 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
 
 
 def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *, strength: float,
-             incumbent_dir: Path | None, retain_texts: list[str], retained: float | None = None) -> GateReport:
+             incumbent_dir: Path | None, retain_texts: list[str], retained: float | None = None,
+             lexicon: Lexicon | None = None) -> GateReport:
     """The gate's numbers for the model as it is; ``retained``: the retained agreement on ``retain_texts`` at this
-    strength when the strength choice already measured it (else it is measured here)."""
-    clean = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)
+    strength when the strength choice already measured it (else it is measured here). The candidate is measured
+    behind ``lexicon`` and the incumbent behind its own, as the gateway serves each."""
+    clean = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size, lexicon=lexicon)
     fams = {f: evaluate(model, tokenizer, val, family=f, severity=cfg.gate.severity, seed=cfg.seed + 1,
-                        batch_size=cfg.eval_batch_size) for f in cfg.gate.families}
+                        batch_size=cfg.eval_batch_size, lexicon=lexicon) for f in cfg.gate.families}
     incumbent = None
     if incumbent_dir is not None:
         with tempfile.TemporaryDirectory(prefix="incumbent-") as tmp:  # checked, and its patterns made literal
             model.load_adapter(str(peft_loadable_copy(incumbent_dir, Path(tmp) / "a")), adapter_name="incumbent")
         model.set_adapter("incumbent")
         try:
-            incumbent = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size)
+            incumbent = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size,
+                                 lexicon=Lexicon.load(incumbent_dir))
         finally:
             model.set_adapter("default")
             model.delete_adapter("incumbent")
@@ -317,13 +334,14 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
     model, result = fit(cfg, loaded, data, checkpoint_dir=run_dir / "checkpoint", progress=progress)
     val = _val(cfg, data)
     retain = default_retain_texts() if retain_texts is None else retain_texts
-    strength, strengths = pick_strength(cfg, model, tok, val, result.layers, retain_texts=retain)
+    lexicon = build_lexicon(cfg, tok, data.train)
+    strength, strengths = pick_strength(cfg, model, tok, val, result.layers, retain_texts=retain, lexicon=lexicon)
     store = AdapterStore(store_dir or default_home() / "adapters")
     inc_ref = store.resolve(name) if incumbent_dir is None else None
     incumbent = Path(incumbent_dir) if incumbent_dir is not None else (
         store.path_of(inc_ref) if inc_ref is not None else None)
     report = run_gate(cfg, model, tok, val, strength=strength, incumbent_dir=incumbent, retain_texts=retain,
-                      retained=strengths.get(strength, {}).get("retained"))
+                      retained=strengths.get(strength, {}).get("retained"), lexicon=lexicon)
     reference, ref_record = None, None
     if report.passed and cfg.drift_reference:
         set_strength(model, strength)  # the features of the adapter as written
@@ -346,6 +364,7 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         "parent": inc_ref.key if inc_ref is not None else (str(incumbent_dir) if incumbent_dir else None),
         "wall_seconds": round(time.time() - t0, 2), "screen": screen_record,
         "drift_reference": ref_record,
+        "lexicon": {"words": len(lexicon.counts), "known": len(lexicon.known)} if lexicon is not None else None,
     }
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
         out = Path(tmp) / "adapter"
@@ -357,6 +376,8 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
         acfg["alpha_pattern"] = {k: v * strength for k, v in (acfg.get("alpha_pattern") or {}).items()}
         cfg_file.write_text(json.dumps(acfg, indent=1))
         (out / CARD_FILE).write_text(json.dumps(card, indent=1, default=str))
+        if lexicon is not None:
+            lexicon.save(out)
         if reference is not None and ref_record is not None:
             write_reference(out, reference[0], base_fingerprint=loaded.info.fingerprint, dtype=str(model.dtype),
                             source=ref_record["source"], noise_signals=reference[1])

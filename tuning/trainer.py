@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tsugiki.adapters.lexicon import Lexicon
 from tsugiki.monitoring.corruption import corrupt
 from tsugiki.serve.base_model import prompt_ids
 from tsugiki.tuning.config import TuneConfig
@@ -84,10 +85,20 @@ def noisy_texts(ex: Example, cfg: TuneConfig, index: int) -> list[tuple[str, str
     return out
 
 
-def noisy_copies(ex: Example, cfg: TuneConfig, index: int) -> list[str]:
-    """The example's fixed corrupted prompts (:func:`noisy_texts` in the example's prompt)."""
+def served_prompt(ex: Example, lexicon: Lexicon | None) -> str:
+    """The example's prompt as the gateway hands it to the model: with ``lexicon``, the user's words corrected
+    (:meth:`Lexicon.correct`)."""
+    p = ex.noisy_prompt(lexicon.correct) if lexicon is not None else None
+    return ex.prompt if p is None else p
+
+
+def noisy_copies(ex: Example, cfg: TuneConfig, index: int, lexicon: Lexicon | None = None) -> list[str]:
+    """The example's fixed corrupted prompts (:func:`noisy_texts` in the example's prompt), corrected by
+    ``lexicon`` when given."""
     out = []
     for _, text in noisy_texts(ex, cfg, index):
+        if lexicon is not None:
+            text = lexicon.correct(text)
         p = ex.noisy_prompt(lambda _, text=text: text)
         if p is not None:
             out.append(p)
@@ -282,11 +293,15 @@ def lr_factor(cfg: TuneConfig, step: int, total: int) -> float:
 
 
 class Trainer:
-    """Trains ``model`` in place (a PEFT model for 'lora', the bare model for 'full') on encoded examples."""
+    """Trains ``model`` in place (a PEFT model for 'lora', the bare model for 'full') on encoded examples.
+
+    With ``lexicon`` every input (clean and corrupted) is what the gateway would hand the model behind that
+    lexicon: the strength choice scores validation data that way; training itself reads the raw inputs."""
 
     def __init__(self, cfg: TuneConfig, model: Any, tokenizer: Any, train: Sequence[Example], *,
                  layers: list[int], layer_scores: dict[int, float] | None = None,
-                 checkpoint_dir: Path | None = None, progress: bool = True) -> None:
+                 checkpoint_dir: Path | None = None, progress: bool = True,
+                 lexicon: Lexicon | None = None) -> None:
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.parts = Parts.of(model)
         self.layers = layers
@@ -296,10 +311,11 @@ class Trainer:
         self.device = next(model.parameters()).device
         # the lowest layer with trainable weights: everything below it is frozen work
         self.start = 0 if cfg.method == "full" or not cfg.cache_frozen else min(layers)
-        self.clean = [encode(tokenizer, e.prompt, e.completion, cfg.max_length) for e in train]
+        self.clean = [encode(tokenizer, served_prompt(e, lexicon), e.completion, cfg.max_length) for e in train]
         self.noisy: list[list[Encoded]] = []
         for i, e in enumerate(train):
-            self.noisy.append([encode(tokenizer, p, e.completion, cfg.max_length) for p in noisy_copies(e, cfg, i)])
+            self.noisy.append([encode(tokenizer, p, e.completion, cfg.max_length)
+                               for p in noisy_copies(e, cfg, i, lexicon)])
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
                                      weight_decay=cfg.weight_decay)
@@ -640,11 +656,16 @@ def max_new_tokens(tokenizer: Any, examples: Sequence[Example]) -> int:
 
 
 def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, family: str | None = None,
-             severity: float = 0.3, seed: int = 0, batch_size: int = 32) -> np.ndarray:
-    """Per-example correctness on clean prompts, or on prompts corrupted with ``family``."""
+             severity: float = 0.3, seed: int = 0, batch_size: int = 32, lexicon: Lexicon | None = None
+             ) -> np.ndarray:
+    """Per-example correctness on clean prompts, or on prompts corrupted with ``family``; with ``lexicon``, of
+    the model behind it (the user's words corrected as the gateway corrects them)."""
+    def served(text: str) -> str:
+        return lexicon.correct(text) if lexicon is not None else text
+
     prompts = []
     for i, e in enumerate(examples):
-        p = e.prompt if family is None else e.noisy_prompt(lambda t, i=i: corrupt(t, family, severity, seed + i))
+        p = e.noisy_prompt(lambda t, i=i: served(t if family is None else corrupt(t, family, severity, seed + i)))
         prompts.append(e.prompt if p is None else p)
     return correct(generate(model, tokenizer, prompts, max_new_tokens(tokenizer, examples), batch_size), examples)
 

@@ -475,7 +475,12 @@ def drift_noise() -> dash.Dashboard:
          .with_panel(_timeseries("Prompt perplexity", "Perplexity of prompts under the served model (sampled).",
                                  [Q(_quantile(q, "tsugiki_prompt_perplexity", by="adapter")
                                     + " or on() vector(NaN)", f"{{{{adapter}}}} p{round(q * 100)}")
-                                  for q in (0.5, 0.95)], w=16)))
+                                  for q in (0.5, 0.95)]))
+         # fallback: no series until an adapter's lexicon corrects a word.
+         .with_panel(_timeseries("Words corrected", "Words per second that an adapter's lexicon corrected before "
+                                 "the model read them (adapters/lexicon.py), per version: misspelled task words.",
+                                 [Q(f"sum by (adapter) ({_rate('tsugiki_corrected_words_total')}) or on() vector(0)",
+                                    "{{adapter}}")], min_val=0)))
     return d
 
 

@@ -88,6 +88,14 @@ def test_tune_on_ray_resume_gate_and_serve(gateway: Gateway, tmp_path: Path) -> 
         named += out in labels
     assert named >= 20, named  # the adapter answers with label names, not free text
     assert right >= 9 and right > base_right + 5, (right, base_right)
+    # the adapter ships its lexicon: the gateway restores a misspelled task word before the model reads it
+    raw = client.completions.with_raw_response.create(
+        model="banking", prompt=label_prompt("how much money is in my checking acount"), max_tokens=8,
+        temperature=0, stop=["\n"])
+    assert raw.headers["x-tsugiki-corrected-words"] == "1"
+    fixed = client.completions.create(model="banking", prompt=label_prompt("how much money is in my checking account"),
+                                      max_tokens=8, temperature=0, stop=["\n"])
+    assert raw.parse().choices[0].text == fixed.choices[0].text
 
     # the job shipped its tuning data's features; the replica handed them to the monitor on first use, so the
     # adapter is watched against what it was tuned on from its first request

@@ -192,6 +192,48 @@ def test_corrupt_and_foreign_adapters_are_refused_and_replica_keeps_serving(env:
     assert ok.status_code == 200
 
 
+def test_an_adapters_lexicon_corrects_what_the_model_reads(env: tuple, lora_all: Path, adapter_root: Path) -> None:
+    from tsugiki.adapters.lexicon import Lexicon
+    from tsugiki.tuning.data import label_prompt
+
+    client, server, _ = env
+    spell = adapter_root / "spell"
+    shutil.rmtree(spell, ignore_errors=True)
+    shutil.copytree(lora_all, spell)
+    Lexicon.build(["what is my account balance", "freeze my card"]).save(spell)
+    for name, path in (("spell", spell), ("nospell", lora_all)):  # the same weights, with and without a lexicon
+        assert client.post("/v1/adapters", headers=ADMIN, json={"name": name, "path": str(path)}).status_code == 201
+    typo, fixed = "what is my acount balnce", "what is my account balance"
+    assert server._prompt_ids({"prompt": typo}) != server._prompt_ids({"prompt": fixed})  # the fix is visible
+    req = {"max_tokens": 4, "temperature": 0, "logprobs": 1}
+
+    def complete(model: str, prompt: str) -> tuple[dict, dict]:
+        r = client.post("/v1/completions", headers=USER, json={**req, "model": model, "prompt": prompt})
+        assert r.status_code == 200, r.text
+        return r.json(), dict(r.headers)
+
+    served, headers = complete("spell", typo)
+    want, _ = complete("nospell", fixed)
+    raw, raw_headers = complete("nospell", typo)
+    # the model behind the lexicon read the corrected words: the same prompt tokens, tokens and log-probabilities
+    assert served["usage"] == want["usage"] and served["choices"][0]["logprobs"] == want["choices"][0]["logprobs"]
+    assert headers["x-tsugiki-corrected-words"] == "2" and "x-tsugiki-corrected-words" not in raw_headers
+    assert raw["choices"][0]["logprobs"] != want["choices"][0]["logprobs"]
+    # a label-template prompt: only the user's words are looked at; a chat: only the user's messages
+    _, headers = complete("spell", label_prompt(typo))
+    assert headers["x-tsugiki-corrected-words"] == "2"
+    r = client.post("/v1/chat/completions", headers=USER, json={"model": "spell", "max_tokens": 1, "messages": [
+        {"role": "system", "content": "acount balnce"}, {"role": "user", "content": "freeze my crad"}]})
+    assert r.status_code == 200 and r.headers["x-tsugiki-corrected-words"] == "1"
+    assert _metric(client, "tsugiki_corrected_words_total", adapter="spell") == 5
+    # a lexicon that cannot be read is refused when the adapter is loaded, with the fix
+    (spell / "lexicon.json").write_text("{oops")
+    r = client.post("/v1/adapters", headers=ADMIN, json={"name": "badlex", "path": str(spell)})
+    assert r.status_code == 400 and "rebuild it with `tsugiki tune` or remove it" in r.json()["error"]["message"]
+    for name in ("spell", "nospell"):
+        client.post("/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": name})
+
+
 def test_access_control(env: tuple, lora_all: Path) -> None:
     client, _, _ = env
     req = {"model": "tiny", "prompt": "hi", "max_tokens": 1}

@@ -38,7 +38,7 @@ COUNTERS = {
     "tsugiki_requests", "tsugiki_prompt_tokens", "tsugiki_completion_tokens", "tsugiki_adapter_operations",
     "tsugiki_noisy_requests", "tsugiki_monitor_observations_shipped", "tsugiki_monitor_observations_dropped",
     "tsugiki_drift_alarms", "tsugiki_monitor_observations", "tsugiki_rollout_decisions", "tsugiki_rollouts_finished",
-    "tsugiki_refreshes",
+    "tsugiki_refreshes", "tsugiki_corrected_words",
 }
 GAUGES = {
     "tsugiki_queue_depth", "tsugiki_running_sequences", "tsugiki_adapters_loaded", "tsugiki_drift_score",

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsugiki.adapters.format import peft_loadable_copy, read_lora_artifact
+from tsugiki.adapters.lexicon import Lexicon
 from tsugiki.adapters.store import AdapterStore
 from tsugiki.config import ModelConfig
 from tsugiki.errors import AdapterError
@@ -35,6 +36,8 @@ from tsugiki.tuning.trainer import (
     frozen_bfloat16,
     lr_factor,
     noisy_copies,
+    noisy_texts,
+    served_prompt,
     shared_head,
 )
 
@@ -131,6 +134,13 @@ def test_noisy_copies_are_deterministic_and_keep_the_template(tiny_dir: Path) ->
     chat = Example("<|im_start|>user\nhi<|im_end|>", "hello")
     assert noisy_copies(chat, cfg, 0) == []  # chats have no free text to corrupt safely
     assert noisy_copies(ex, cfg.model_copy(update={"robust": None}), 0) == []
+    # behind a lexicon of the task's words (what the strength choice scores): the copies as the gateway corrects
+    # them, and the clean prompt as it is
+    lex = Lexicon.build(["book a flight to tokyo today"])
+    fixed = noisy_copies(ex, cfg, 3, lex)
+    assert fixed == [label_prompt(lex.correct(text)) for _, text in noisy_texts(ex, cfg, 3)]
+    assert fixed != a and sum(p == ex.prompt for p in fixed) >= 1  # at least one copy fully restored
+    assert served_prompt(ex, lex) == ex.prompt and served_prompt(chat, lex) == chat.prompt
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -483,6 +493,11 @@ def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(
     ref = card["drift_reference"]
     assert ref["prompts"] == 0 and "16 distinct prompts, 50 needed" in ref["why"]
     assert not (stored / "drift_reference.safetensors").exists()
+    # the word recognition in front of it: the training texts' words, which the gateway restores when misspelled
+    lexicon = Lexicon.load(stored)
+    assert lexicon is not None and card["lexicon"]["words"] == len(lexicon.counts) > 0
+    word = max(lexicon.counts, key=len)
+    assert lexicon.correct(word[1:] + " x") == word + " x"
     # a second version is gated against the first (negative flips) and a failing candidate is kept aside
     strict = _cfg(tiny_dir, seed=1, gate=GateConfig(families=("typos",), min_clean_accuracy=1.0,
                                                     min_retained_agreement=0.0, max_family_drop=1.0,
@@ -514,6 +529,8 @@ def test_settings_are_checked_up_front_and_the_fingerprint_ignores_what_does_not
     looser = cfg.model_copy(update={"gate": GateConfig(max_family_drop=0.9), "num_cpus": 2,
                                     "robust": cfg.robust.model_copy(update={"strengths": (1.0,)})})
     assert looser.fingerprint() == cfg.fingerprint()  # a rejected run rerun with a looser gate resumes
+    assert cfg.model_copy(update={"robust": cfg.robust.model_copy(update={"lexicon": False})}).fingerprint() == \
+        cfg.fingerprint()  # the lexicon is built after training; the weights are the same
     assert cfg.model_copy(update={"learning_rate": 1e-4}).fingerprint() != cfg.fingerprint()
     data = _write(tmp_path / "d.jsonl", _records(8))
     assert main(["tune", "--data", str(data), "--name", "x", "--layers", "1,x", "--local"]) == 2
