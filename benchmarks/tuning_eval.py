@@ -5,6 +5,7 @@ LoRA, full fine-tuning and the zero-shot base model.
     python benchmarks/tuning_eval.py --per-intent 10       # a smaller task
     python benchmarks/tuning_eval.py --methods robust_all  # the robust recipe on every layer (the slowest)
     python benchmarks/tuning_eval.py --methods robust_denoise  # ... with the optional denoiser on layers 0-5
+    python benchmarks/tuning_eval.py --methods lexicon_partial  # the top layers behind a lexicon, no augmentation
     python benchmarks/tuning_eval.py --seed 1 --methods plain_lora,robust_partial,full_ft  # another training seed
 
 Task (stated in the output): 5 CLINC150 domains (banking, credit_cards, kitchen_and_dining, travel, utility;
@@ -36,8 +37,9 @@ DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "travel", "utility"]
 FAMILIES = ["typos", "keyboard", "ocr", "delete", "mojibake", "code_switch"]
 METHODS = ["zero_shot", "plain_lora", "robust_partial", "full_ft"]
 # opt-in (--methods): the robust recipe on every layer (~24 min on 2 cores with its evaluation); the robust
-# partial recipe with the optional denoiser stage on layers 0-5 (tuning/denoise.py, 3 epochs: ~8 min more)
-EXTRA_METHODS = ["robust_all", "robust_denoise"]
+# partial recipe with the optional denoiser stage on layers 0-5 (tuning/denoise.py, 3 epochs: ~8 min more); the
+# top layers behind a lexicon with no noise augmentation (robust: {copies: 0}: the cheapest robust recipe)
+EXTRA_METHODS = ["robust_all", "robust_denoise", "lexicon_partial"]
 
 
 def log(msg: str) -> None:
@@ -106,6 +108,7 @@ def configs(args: argparse.Namespace) -> dict:
         "robust_denoise": partial.model_copy(update={"robust": robust.model_copy(update={"denoise_layers": 6})}),
         "robust_all": TuneConfig(layers="all", learning_rate=args.lora_lr, robust=RobustConfig(severity=args.severity),
                                  **common),
+        "lexicon_partial": partial.model_copy(update={"robust": robust.model_copy(update={"copies": 0})}),
     }
 
 
@@ -255,7 +258,7 @@ def main() -> None:
     if kept:
         print("* from an earlier run on the same task (" + args.out.as_posix() + ")")
     # each bar where this run measured one of its sides (robust_all: how far augmentation goes at full depth)
-    for robust in ("robust_partial", "robust_denoise", "robust_all"):
+    for robust in ("robust_partial", "robust_denoise", "robust_all", "lexicon_partial"):
         if {"plain_lora", robust} <= every.keys() and {"plain_lora", robust} & results.keys():
             p, q = every["plain_lora"]["accuracy"], every[robust]["accuracy"]
             pair = (every["plain_lora"], every[robust])
@@ -270,6 +273,12 @@ def main() -> None:
                   f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); clean difference {robust} - full "
                   f"{clean_diff(f['accuracy'], q['accuracy']):+.3f}{interval(clean_diff, f, q)} "
                   "(bar >= -0.01)")
+    for m, r in results.items():
+        if "accuracy_without_lexicon" in r:  # what the training alone gives, the same adapter without the lexicon
+            a, w = r["accuracy"], r["accuracy_without_lexicon"]
+            print(f"{m} without its lexicon: clean {w['clean']:.3f}, heavy typos {w['typos']:.3f} (drop "
+                  f"{w['clean'] - w['typos']:.3f}; behind it {a['clean']:.3f}, {a['typos']:.3f}, drop "
+                  f"{a['clean'] - a['typos']:.3f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(every, indent=1))
     log(f"wrote {args.out}")
