@@ -6,8 +6,8 @@ recomputes :func:`~tsugiki.adapters.format.content_digest` on what it downloaded
 (bit rot, a truncated download, a hand-edited file).
 
 Only the adapter's own files travel: ``adapter_config.json``, ``adapter_model.safetensors`` and the optional
-``model_card.json``. Nothing is unpickled and no other file name is ever written or read, whatever a remote
-listing says.
+companions (``model_card.json``, ``drift_reference.safetensors``, ``lexicon.json``; ``format.COMPANION_FILES``).
+Nothing is unpickled and no other file name is ever written or read, whatever a remote listing says.
 
 Publication is atomic in both stores: :class:`LocalArtifacts` writes into a temporary directory and renames it into
 place; :class:`S3Artifacts` uploads the files and then a ``_COMPLETE`` marker object, which readers require, so a
