@@ -31,6 +31,7 @@ from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE, peft_loadable_copy
 from tsugiki.adapters.lexicon import Lexicon, common_words
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import default_home
+from tsugiki.errors import AdapterError
 from tsugiki.monitoring.noise import REASONS
 from tsugiki.monitoring.noise import signals as noise_signals
 from tsugiki.monitoring.reference import MIN_REFERENCE, prompt_features, write_reference
@@ -232,6 +233,16 @@ def pick_strength(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example
     return best, table
 
 
+def _served_lexicon(adapter_dir: Path) -> Lexicon | None:
+    """The lexicon a stored version is served behind: its own, or none when it has none or it cannot be read (a
+    gateway then serves it without, too)."""
+    try:
+        return Lexicon.load(adapter_dir)
+    except AdapterError as e:
+        log.warning("incumbent's lexicon unusable, measured without: %s", e)
+        return None
+
+
 def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *, strength: float,
              incumbent_dir: Path | None, retain_texts: list[str], retained: float | None = None,
              lexicon: Lexicon | None = None) -> GateReport:
@@ -248,7 +259,7 @@ def run_gate(cfg: TuneConfig, model: Any, tokenizer: Any, val: list[Example], *,
         model.set_adapter("incumbent")
         try:
             incumbent = evaluate(model, tokenizer, val, batch_size=cfg.eval_batch_size,
-                                 lexicon=Lexicon.load(incumbent_dir))
+                                 lexicon=_served_lexicon(incumbent_dir))
         finally:
             model.set_adapter("default")
             model.delete_adapter("incumbent")

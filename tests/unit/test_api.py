@@ -230,6 +230,13 @@ def test_an_adapters_lexicon_corrects_what_the_model_reads(env: tuple, lora_all:
     (spell / "lexicon.json").write_text("{oops")
     r = client.post("/v1/adapters", headers=ADMIN, json={"name": "badlex", "path": str(spell)})
     assert r.status_code == 400 and "rebuild it with `tsugiki tune` or remove it" in r.json()["error"]["message"]
+    # one that broke in the store after loading (another replica reads it on first use) serves without correction
+    stored = server.store.path_of(server.store.require("spell"))
+    (stored / "lexicon.json").write_text("{oops")
+    server._lexicons.clear()
+    served, headers = complete("spell", typo)
+    assert "x-tsugiki-corrected-words" not in headers
+    assert served["choices"][0]["logprobs"] == raw["choices"][0]["logprobs"]
     for name in ("spell", "nospell"):
         client.post("/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": name})
 

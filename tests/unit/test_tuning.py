@@ -28,7 +28,15 @@ from tsugiki.tuning.data import (
     split,
 )
 from tsugiki.tuning.gate import decide, negative_flip_rate
-from tsugiki.tuning.job import build_model, choose_layers, pick_strength, run_gate, run_local, set_strength
+from tsugiki.tuning.job import (
+    _served_lexicon,
+    build_model,
+    choose_layers,
+    pick_strength,
+    run_gate,
+    run_local,
+    set_strength,
+)
 from tsugiki.tuning.trainer import (
     Encoded,
     Trainer,
@@ -510,6 +518,12 @@ def test_job_writes_a_servable_adapter_with_a_card_or_keeps_a_failing_one_aside(
     else:  # a perfect candidate is the only way through min_clean_accuracy=1.0
         assert res2.gate["clean_accuracy"] == 1.0
     assert res2.gate["negative_flip_rate"] is not None
+    # the incumbent is measured behind its own lexicon; one that cannot be read is measured without, as served
+    assert _served_lexicon(stored) is not None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "lexicon.json").write_text("[]")
+    assert _served_lexicon(broken) is None and _served_lexicon(tmp_path / "none") is None
 
 
 def test_settings_are_checked_up_front_and_the_fingerprint_ignores_what_does_not_train(tiny_dir: Path,
