@@ -49,6 +49,7 @@ _NEAR = {(a, b) for r, row in enumerate(_ROWS) for c, a in enumerate(row)
          for b in _ROWS[rr][cc]}
 NEAR_KEY_COST = 0.6  # a neighbouring key is the commonest substitution in typing data
 RARE, DOMINANT, SLIP_LENGTH = 2, 10, 5  # Lexicon.build: what a typo in the training texts looks like
+MAX_WORDS, MAX_WORD_LENGTH = 200_000, 40  # what a lexicon file may hold (a task has a few thousand words)
 
 
 def words(text: str) -> list[str]:
@@ -138,7 +139,7 @@ class Lexicon:
         counts: Counter[str] = Counter()
         bigrams: Counter[str] = Counter()
         for text in texts:
-            ws = words(text)
+            ws = [w for w in words(text) if len(w) <= MAX_WORD_LENGTH]
             counts.update(ws)
             bigrams.update(f"{a} {b}" for a, b in zip(["<s>", *ws], [*ws, "</s>"]))
         known = set(known)
@@ -146,8 +147,8 @@ class Lexicon:
         slips = {w for w, n in counts.items() if n <= RARE and w not in known and len(w) >= SLIP_LENGTH
                  and w.isalpha()
                  and any(d <= 1 and counts[c] >= DOMINANT * n for c, d in draft.candidates(w) if c != w)}
-        kept = {w: n for w, n in counts.items() if w not in slips}
-        pairs = {p: n for p, n in bigrams.items() if not slips & set(p.split(" "))}
+        kept = dict(Counter({w: n for w, n in counts.items() if w not in slips}).most_common(MAX_WORDS))
+        pairs = {p: n for p, n in bigrams.items() if all(w in kept or w in ("<s>", "</s>") for w in p.split(" "))}
         return cls(kept, pairs, frozenset(known - set(kept)))
 
     def to_json(self) -> dict[str, Any]:
@@ -163,8 +164,13 @@ class Lexicon:
             bigrams = {str(w): int(n) for w, n in d.get("bigrams", {}).items()}
             if any(n < 1 for n in [*counts.values(), *bigrams.values()]):
                 raise ValueError("counts must be positive")
-            return cls(counts, bigrams, frozenset(str(w) for w in d.get("known", ())),
-                       float(d.get("temperature", 0.4)))
+            # the deletion index costs O(length^2) per word: bound what a file can make a replica compute
+            if len(counts) > MAX_WORDS or any(len(w) > MAX_WORD_LENGTH for w in counts):
+                raise ValueError(f"at most {MAX_WORDS} words of at most {MAX_WORD_LENGTH} characters")
+            temperature = float(d.get("temperature", 0.4))
+            if not temperature > 0:
+                raise ValueError(f"temperature must be above 0, got {temperature}")
+            return cls(counts, bigrams, frozenset(str(w) for w in d.get("known", ())), temperature)
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise AdapterError(f"{where} is not a tsugiki lexicon ({type(e).__name__}: {e}); rebuild it with "
                                "`tsugiki tune` or remove it") from e
@@ -222,7 +228,8 @@ class Lexicon:
         choice conditioned on the corrected words before it and the observed word after it)."""
         out = list(ws)
         for i, w in enumerate(out):
-            if len(w) < MIN_LENGTH or self.is_known(w):
+            # (a word far longer than any task word cannot be within reach; its deletions would cost O(length^2))
+            if not MIN_LENGTH <= len(w) <= MAX_WORD_LENGTH + MAX_EDITS or self.is_known(w):
                 continue
             cands = self.candidates(w)
             if not cands:

@@ -51,6 +51,13 @@ def test_known_short_and_distant_words_are_left_alone(lex: Lexicon) -> None:
     assert lex.correct(" ".join(TEXTS)) == " ".join(TEXTS)  # clean task text is never changed
 
 
+def test_overlong_words_cost_nothing_and_are_left_alone(lex: Lexicon) -> None:
+    long = "x" * 100_000  # its two-deletion set alone would hold ~5e9 strings
+    assert lex.correct(f"my acount {long}") == f"my account {long}"
+    built = Lexicon.build([f"freeze my card {long}"])
+    assert long not in built.counts and "card" in built.counts and Lexicon.from_json(built.to_json()) == built
+
+
 def test_corrections_are_deterministic_and_help_on_the_corruption_module(lex: Lexicon) -> None:
     noisy = [corrupt(t, "typos", 0.3, s) for s in range(20) for t in TEXTS]
     fixed = [lex.correct(t) for t in noisy]
@@ -74,6 +81,13 @@ def test_round_trip_and_bad_files(lex: Lexicon, tmp_path: Path) -> None:
         Lexicon.load(tmp_path)
     (tmp_path / "lexicon.json").write_text(json.dumps({"format": 99, "counts": {}}))
     with pytest.raises(AdapterError, match="format 99"):
+        Lexicon.load(tmp_path)
+    # a file that would make the replica build a huge index is refused before it does
+    (tmp_path / "lexicon.json").write_text(json.dumps({"format": 1, "counts": {"a" * 5000: 1}}))
+    with pytest.raises(AdapterError, match="at most 200000 words of at most 40 characters"):
+        Lexicon.load(tmp_path)
+    (tmp_path / "lexicon.json").write_text(json.dumps({"format": 1, "counts": {"card": 1}, "temperature": 0}))
+    with pytest.raises(AdapterError, match="temperature must be above 0"):
         Lexicon.load(tmp_path)
 
 
