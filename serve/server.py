@@ -90,6 +90,7 @@ class _Routed:
     adapter: str | None
     version: AdapterRef | None = None
     alias: str | None = None
+    active: AdapterRef | None = None  # the adapter's active version when routed by name (the engine re-resolves)
     key: str | None = None
     shadow: str | None = None
     capture: bool = False
@@ -104,7 +105,8 @@ class _Routed:
 
 
 REFERENCE_RETRY_S = 60.0  # a drift reference the monitor did not take is offered again after this long
-LEXICON_CACHE = 64  # adapter versions whose lexicons a replica keeps parsed (each: ~1 MB for ~2,000 task words)
+LEXICON_CACHE = 16  # adapter versions whose lexicons a replica keeps parsed (a 75-intent task's: 7 MB, most of it
+#                    the deletion index of its ~1,500 words and the ~21,000 common words)
 
 
 class ModelServer:
@@ -158,7 +160,7 @@ class ModelServer:
                                   refresh_s=settings.registry.refresh_s)
         self.outcomes = OutcomeRecorder(control.record_outcomes if control else None)
         self._tasks: set[asyncio.Task[Any]] = set()  # shadow requests, reference hand-overs: off the request path
-        self._lexicons: OrderedDict[str, Lexicon | None] = OrderedDict()  # version -> its lexicon (LRU)
+        self._lexicons: OrderedDict[AdapterRef, Lexicon | None] = OrderedDict()  # version -> its lexicon (LRU)
         logger.info("model server ready", extra={"base_model": self.info.name, "threads": self.torch_threads})
 
     # ---- metadata ------------------------------------------------------------------------------------------------
@@ -232,9 +234,8 @@ class ModelServer:
 
     # ---- word recognition ----------------------------------------------------------------------------------------
     def _remember_lexicon(self, ref: AdapterRef, lexicon: Lexicon | None) -> None:
-        key = f"{ref.key}-{ref.digest}"
-        self._lexicons[key] = lexicon
-        self._lexicons.move_to_end(key)
+        self._lexicons[ref] = lexicon
+        self._lexicons.move_to_end(ref)
         while len(self._lexicons) > LEXICON_CACHE:
             self._lexicons.popitem(last=False)
 
@@ -242,15 +243,12 @@ class ModelServer:
         """The lexicon the routed adapter version ships (None: the base model, or a version without one). Read
         from the store once per version (off the event loop); a lexicon that cannot be read serves without word
         recognition and says so in the log, since the weights themselves are fine."""
-        if routed.adapter is None:
-            return None
-        ref = routed.version or self.store.resolve(routed.adapter)
+        ref = routed.version or routed.active
         if ref is None:
             return None
-        key = f"{ref.key}-{ref.digest}"
-        if key in self._lexicons:
-            self._lexicons.move_to_end(key)
-            return self._lexicons[key]
+        if ref in self._lexicons:
+            self._lexicons.move_to_end(ref)
+            return self._lexicons[ref]
         try:
             lexicon = await asyncio.to_thread(Lexicon.load, self.store.path_of(ref))
         except (AdapterError, OSError) as e:
@@ -305,13 +303,14 @@ class ModelServer:
             raise InvalidRequestError("prompt must be a non-empty string", param="prompt")
         return list(tok(prompt)["input_ids"])  # special tokens (e.g. BOS) as the tokenizer adds them, like vLLM
 
-    def _resolve_model(self, model: str) -> str | None:
+    def _resolve_model(self, model: str) -> AdapterRef | None:
         if model == self.info.name:
             return None
-        if self.store.resolve(model) is None:
+        ref = self.store.resolve(model)
+        if ref is None:
             raise ModelNotFoundError(f"The model `{model}` does not exist. GET /v1/models lists the base model, "
                                      "the aliases and the loaded adapters.", param="model")
-        return model
+        return ref
 
     async def _route(self, payload: dict[str, Any], request_id: str) -> _Routed:
         """Which adapter serves this request: an alias routes it (sticky per caller) to a registry version;
@@ -319,7 +318,8 @@ class ModelServer:
         model = str(payload.get("model"))
         alias = await self.router.get(model) if model != self.info.name and self.control else None
         if alias is None:
-            return _Routed(adapter=self._resolve_model(model))
+            ref = self._resolve_model(model)
+            return _Routed(adapter=ref.name if ref else None, active=ref)
         caller = str(payload.get("user") or request_id)
         key = self.router.pick(alias, caller)
         shadow = self.router.shadow_of(alias, request_id)
