@@ -46,7 +46,8 @@ _COMMON = 2000  # words at least this frequent are never typo suspects
 
 
 @lru_cache(maxsize=1)
-def _frequencies() -> dict[str, int]:
+def word_frequencies() -> dict[str, int]:
+    """pyspellchecker's English word frequency list (word -> count), loaded once."""
     from spellchecker import SpellChecker
 
     return dict(SpellChecker(language="en", distance=1).word_frequency.dictionary)
@@ -70,7 +71,7 @@ def _edits1(w: str) -> Iterable[str]:
 
 @lru_cache(maxsize=65536)
 def _typo_likeness(word: str) -> float:
-    freq = _frequencies()
+    freq = word_frequencies()
     f = freq.get(word, 0)
     if f >= _COMMON:
         return 0.0
@@ -147,7 +148,7 @@ def signals(text: str, *, prompt_tokens: int | None = None, max_prompt_tokens: i
     out["repetition"] = max(runs / max(1, len(text)), repeated_words)
     if lw and text and text[-1].isalpha():
         last = lw[-1]
-        freq = _frequencies()
+        freq = word_frequencies()
         if len(last) >= 3 and last not in freq and last.isascii():
             out["truncated"] = 1.0 if _completes(last) else 0.0
     if prompt_tokens is not None and max_prompt_tokens:
@@ -157,7 +158,7 @@ def signals(text: str, *, prompt_tokens: int | None = None, max_prompt_tokens: i
 
 @lru_cache(maxsize=1)
 def _common_sorted() -> list[str]:
-    return sorted(w for w, f in _frequencies().items() if f >= _COMMON)
+    return sorted(w for w, f in word_frequencies().items() if f >= _COMMON)
 
 
 def _completes(prefix: str) -> bool:

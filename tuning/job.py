@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from tsugiki.adapters.format import CARD_FILE, CONFIG_FILE, peft_loadable_copy
-from tsugiki.adapters.lexicon import Lexicon, common_words
+from tsugiki.adapters.lexicon import Lexicon, common_words, english_words
 from tsugiki.adapters.store import AdapterStore, check_name
 from tsugiki.config import default_home
 from tsugiki.errors import AdapterError
-from tsugiki.monitoring.noise import REASONS
+from tsugiki.monitoring.noise import REASONS, word_frequencies
 from tsugiki.monitoring.noise import signals as noise_signals
 from tsugiki.monitoring.reference import MIN_REFERENCE, prompt_features, write_reference
 from tsugiki.serve.base_model import LoadedBaseModel, load_base_model, set_torch_threads
@@ -176,11 +176,12 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
 
 def build_lexicon(cfg: TuneConfig, tokenizer: Any, train: Sequence[Example]) -> Lexicon | None:
     """The word-recognition lexicon the adapter ships (``robust.lexicon``): the training examples' user words,
-    with the base model's common words left alone; None when off or when no example has free text (chats)."""
+    with the base model's common words and frequent English words left alone; None when off or when no example
+    has free text (chats)."""
     texts = [e.text for e in train if e.text is not None]
     if cfg.robust is None or not cfg.robust.lexicon or not texts:
         return None
-    return Lexicon.build(texts, common_words(tokenizer))
+    return Lexicon.build(texts, common_words(tokenizer) | english_words(word_frequencies()))
 
 
 def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tsugiki.adapters.lexicon import Lexicon, common_words, distance, words
+from tsugiki.adapters.lexicon import Lexicon, common_words, distance, english_words, words
 from tsugiki.errors import AdapterError
 from tsugiki.monitoring.corruption import corrupt
 
@@ -107,3 +107,11 @@ def test_typos_in_the_training_texts_are_not_taken_for_task_words() -> None:
     assert not any("acount" in p for p in lex.bigrams)
     # a rare word that is no near-copy of a frequent one stays a task word
     assert Lexicon.build(TEXTS * 5 + ["pay the plumber"]).counts["plumber"] == 1
+
+
+def test_frequent_english_words_are_known_and_left_alone() -> None:
+    eng = english_words({"six": 300_000, "jeep": 4_000, "acount": 5, "don't": 900_000, "zzz": 10}, min_count=3000)
+    assert eng == {"six", "jeep"}  # frequent enough, letters only
+    plain = Lexicon.build(TEXTS + ["mix the flour"])
+    assert plain.correct("six eggs") == "mix eggs"  # a real word of no task and no single token, "corrected"
+    assert Lexicon.build(TEXTS + ["mix the flour"], known=eng).correct("six eggs") == "six eggs"
