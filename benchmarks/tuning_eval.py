@@ -134,8 +134,9 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
         cfg = configs(args)[method]
         data = TuningData(train=train, val=val, data_hash="bench", labels=[])
         t0 = time.time()
-        model, res = fit(cfg, loaded, data, progress=True)
-        # all of fit(): layer choice, model build, encoding and corrupting, the frozen pass, the steps
+        lexicon = build_lexicon(cfg, tok, train)  # the word recognition the adapter ships (robust.lexicon)
+        model, res = fit(cfg, loaded, data, progress=True, lexicon=lexicon)
+        # the lexicon and all of fit(): layer choice, model build, encoding and corrupting, the frozen pass, the steps
         out.update(config=cfg.model_dump(mode="json"),  # the recipe as run (schedule, worst-of, ...)
                    train_seconds=time.time() - t0, frozen_pass=res.frozen_pass, loop_seconds=res.seconds,
                    steps=res.steps,
@@ -143,7 +144,6 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
                    final_loss=res.final_loss, peak_rss_mb=peak_rss_mb(), denoise=res.denoise)
         if cfg.robust is not None:
             t0 = time.time()
-            lexicon = build_lexicon(cfg, tok, train)  # the word recognition the adapter ships (robust.lexicon)
             strength, table = pick_strength(cfg, model, tok, val, res.layers, retain_texts=default_retain_texts(),
                                             lexicon=lexicon)
             out.update(strength=strength, strength_table=table, strength_seconds=time.time() - t0,

@@ -60,10 +60,11 @@ def main() -> None:
     loaded = load_base_model(ModelConfig(), progress=False)
     log(f"{args.name}: training on {len(train)} queries, torch threads {threads}")
     t0 = time.time()
-    model, res = fit(cfg, loaded, TuningData(train=train, val=val, data_hash="bench", labels=[]), progress=True)
+    lexicon = build_lexicon(cfg, loaded.tokenizer, train)
+    model, res = fit(cfg, loaded, TuningData(train=train, val=val, data_hash="bench", labels=[]), progress=True,
+                     lexicon=lexicon)
     train_s = time.time() - t0
     t0 = time.time()
-    lexicon = build_lexicon(cfg, loaded.tokenizer, train)
     chosen, _ = pick_strength(cfg, model, loaded.tokenizer, val, res.layers, retain_texts=default_retain_texts(),
                               lexicon=lexicon)
     strength_s = time.time() - t0

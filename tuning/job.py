@@ -150,8 +150,11 @@ def set_strength(model: Any, strength: float) -> None:
 
 # ---------------------------------------------------------------------------------------------- fit / gate
 def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoint_dir: Path | None = None,
-        progress: bool = True) -> tuple[Any, TrainResult]:
-    """Choose layers, build the model (LoRA or full) and train it; returns (model, result)."""
+        progress: bool = True, lexicon: Lexicon | None = None) -> tuple[Any, TrainResult]:
+    """Choose layers, build the model (LoRA or full) and train it; returns (model, result).
+
+    ``lexicon``: the one the adapter will ship (:func:`build_lexicon`); with ``robust.corrected_copies`` the
+    training inputs are read through it, as the gateway will hand them to the model."""
     torch.manual_seed(cfg.seed)
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
     lower = denoise_layers(cfg, layers)
@@ -165,8 +168,9 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
     if lower:  # stage 1 (robust recipe): the denoiser below the task layers, then frozen
         den = Denoiser(cfg, model, loaded.tokenizer, data.train, lower, progress=progress, aligned=aligned,
                        checkpoint_dir=checkpoint_dir.with_name("denoiser") if checkpoint_dir else None).train()
+    behind = lexicon if cfg.robust is not None and cfg.robust.corrected_copies else None
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores,
-                      checkpoint_dir=checkpoint_dir, progress=progress)
+                      checkpoint_dir=checkpoint_dir, progress=progress, lexicon=behind)
     result = trainer.train()
     if den is not None:
         result.denoise = den.to_dict()
@@ -343,10 +347,11 @@ def run_local(cfg: TuneConfig, data_path: str | Path, name: str, *, val_path: st
     run_dir = Path(work_dir or default_home() / "tuning") / name / rid
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("tuning %s run %s: %s; torch threads %d", name, rid, data.summary(), threads)
-    model, result = fit(cfg, loaded, data, checkpoint_dir=run_dir / "checkpoint", progress=progress)
+    lexicon = build_lexicon(cfg, tok, data.train)
+    model, result = fit(cfg, loaded, data, checkpoint_dir=run_dir / "checkpoint", progress=progress,
+                        lexicon=lexicon)
     val = _val(cfg, data)
     retain = default_retain_texts() if retain_texts is None else retain_texts
-    lexicon = build_lexicon(cfg, tok, data.train)
     strength, strengths = pick_strength(cfg, model, tok, val, result.layers, retain_texts=retain, lexicon=lexicon)
     store = AdapterStore(store_dir or default_home() / "adapters")
     inc_ref = store.resolve(name) if incumbent_dir is None else None

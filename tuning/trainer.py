@@ -296,7 +296,9 @@ class Trainer:
     """Trains ``model`` in place (a PEFT model for 'lora', the bare model for 'full') on encoded examples.
 
     With ``lexicon`` every input (clean and corrupted) is what the gateway would hand the model behind that
-    lexicon: the strength choice scores validation data that way; training itself reads the raw inputs."""
+    lexicon: the strength choice scores validation data that way, and so does training with
+    ``robust.corrected_copies``. A corrupted copy that reads as its clean input (which the lexicon makes common)
+    is skipped: its noisy pass would repeat the clean one."""
 
     def __init__(self, cfg: TuneConfig, model: Any, tokenizer: Any, train: Sequence[Example], *,
                  layers: list[int], layer_scores: dict[int, float] | None = None,
@@ -450,6 +452,10 @@ class Trainer:
         """The variant key of the noisy copy example ``i`` trains on in ``epoch`` (it has at least one)."""
         return 1 + epoch % len(self.noisy[i])
 
+    def same_as_clean(self, i: int, v: int) -> bool:
+        """Whether variant ``v`` of example ``i`` is a copy that tokenizes as the clean input."""
+        return v > 0 and self.noisy[i][v - 1].ids == self.clean[i].ids
+
     @torch.no_grad()
     def worst_variants(self, examples: list[int]) -> dict[int, int]:
         """For each example, the noisy copy with the highest completion loss under the current weights (in the
@@ -471,6 +477,7 @@ class Trainer:
         variant = {i: self.noisy_variant(i, epoch) for i in noisy}
         if rc is not None and rc.worst_of and rc.copies > 1 and noisy:
             variant = self.worst_variants(noisy)
+        noisy = [i for i in noisy if not self.same_as_clean(i, variant[i])]
         # clean inputs and this epoch's noisy copies in one pass through the trained layers
         keys = [(i, 0) for i in batch] + [(i, variant[i]) for i in noisy]
         all_logits, all_target = self._logits(keys)
@@ -496,7 +503,8 @@ class Trainer:
         total, count = 0.0, 0
         bs = self.cfg.eval_batch_size
         for i in range(0, len(self.clean), bs):
-            keys = [(j, variant if variant and self.noisy[j] else 0) for j in range(i, min(i + bs, len(self.clean)))]
+            keys = [(j, variant if variant and self.noisy[j] and not self.same_as_clean(j, variant) else 0)
+                    for j in range(i, min(i + bs, len(self.clean)))]
             logits, target = self._logits(keys)
             total += float(F.cross_entropy(logits, target, reduction="sum"))
             count += len(target)
@@ -573,7 +581,8 @@ class Trainer:
             every = self.cfg.robust is not None and self.cfg.robust.worst_of and self.cfg.robust.copies > 1
             self._prefix([(i, v) for i in range(len(self.clean))
                           for v in sorted({0} | ({*range(1, len(self.noisy[i]) + 1)} if every else
-                                                 {self.noisy_variant(i, e) for e in left if self.noisy[i]}))],
+                                                 {self.noisy_variant(i, e) for e in left if self.noisy[i]}))
+                          if not self.same_as_clean(i, v)],
                          progress=True)
         resumed = step
         t0 = time.time()

@@ -41,6 +41,7 @@ from tsugiki.tuning.trainer import (
     Encoded,
     Trainer,
     correct,
+    encode,
     frozen_bfloat16,
     lr_factor,
     noisy_copies,
@@ -168,15 +169,19 @@ def test_layer_choice(tiny_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+def _examples() -> list[Example]:
+    return [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(16)]
+
+
 def _trainer(tiny_dir: Path, cfg: TuneConfig, ckpt: Path | None = None,
-             dtype: torch.dtype = torch.float32) -> Trainer:
+             dtype: torch.dtype = torch.float32, lexicon: Lexicon | None = None) -> Trainer:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    train = [Example(label_prompt(r["text"]), " " + r["label"], r["text"], r["label"]) for r in _records(16)]
+    train = _examples()
     layers, _ = choose_layers(cfg, model, tok, train)
     return Trainer(cfg, build_model(cfg, model, layers), tok, train, layers=layers, checkpoint_dir=ckpt,
-                   progress=False)
+                   progress=False, lexicon=lexicon)
 
 
 def _same_lora_weights(*trainers: Trainer) -> None:
@@ -263,6 +268,45 @@ def test_worst_of_trains_each_example_on_its_highest_loss_copy(tiny_dir: Path) -
     fresh = _trainer(tiny_dir, _cfg(tiny_dir, epochs=2, robust=rc))
     fresh.train(stop_after=1)
     assert {v for _, v in fresh._cache} == {0, 1, 2, 3}  # every copy is a candidate in every epoch
+
+
+def test_corrected_copies_train_on_what_the_gateway_serves_and_skip_restored_copies(tiny_dir: Path) -> None:
+    rc = RobustConfig(families=("typos", "keyboard", "ocr"), copies=3, corrected_copies=True)
+    cfg = _cfg(tiny_dir, frozen_dtype="float32", robust=rc)
+    train = _examples()
+    lex = Lexicon.build([e.text for e in train if e.text is not None])
+    t = _trainer(tiny_dir, cfg, lexicon=lex)
+    tok = t.tok
+    assert [e.ids for e in t.clean] == [encode(tok, served_prompt(e, lex), e.completion, cfg.max_length).ids
+                                        for e in train]
+    assert [[e.ids for e in es] for es in t.noisy] == [
+        [encode(tok, p, e.completion, cfg.max_length).ids for p in noisy_copies(e, cfg, i, lex)]
+        for i, e in enumerate(train)]
+    restored = {(i, v) for i in range(len(train)) for v in (1, 2, 3) if t.same_as_clean(i, v)}
+    assert 0 < len(restored) < 3 * len(train)  # the lexicon undoes some copies, not all
+    _same_lora_weights(t)
+    F = torch.nn.functional
+    for epoch in range(3):
+        batch = list(range(len(train)))
+        noisy = [i for i in batch if (i, t.noisy_variant(i, epoch)) not in restored]
+        with torch.no_grad():
+            got = float(t.loss(batch, epoch))
+            c_logits, c_target = t._logits([(i, 0) for i in batch])
+            n_logits, n_target = t._logits([(i, t.noisy_variant(i, epoch)) for i in noisy])
+        sel = torch.cat([torch.full((len(t.clean[i].ids) - t.clean[i].n_prompt,), i in noisy) for i in batch])
+        kl = F.kl_div(n_logits.log_softmax(-1), c_logits[sel].log_softmax(-1), log_target=True,
+                      reduction="batchmean")
+        want = F.cross_entropy(c_logits, c_target) + F.cross_entropy(n_logits, n_target) + kl
+        assert got == pytest.approx(float(want), abs=1e-5)  # a restored copy adds no second clean pass
+    fresh = _trainer(tiny_dir, cfg.model_copy(update={"epochs": 3}), lexicon=lex)
+    fresh.train(stop_after=1)
+    # the frozen pass covers the copies the epochs use, except the restored ones
+    assert set(fresh._cache) == {(i, v) for i in range(len(train)) for v in (0, 1, 2, 3)} - restored
+    with pytest.raises(ValueError, match="set lexicon to true"):
+        RobustConfig(corrected_copies=True, lexicon=False)
+    # the lexicon shapes the training inputs now, so it is part of what determines the weights
+    assert cfg.model_copy(update={"robust": rc.model_copy(update={"lexicon": False})}).fingerprint() != \
+        cfg.fingerprint()
 
 
 def test_the_frozen_pass_covers_the_noisy_copies_the_epochs_use(tiny_dir: Path) -> None:
