@@ -108,7 +108,10 @@ def configs(args: argparse.Namespace) -> dict:
         "robust_denoise": partial.model_copy(update={"robust": robust.model_copy(update={"denoise_layers": 6})}),
         "robust_all": TuneConfig(layers="all", learning_rate=args.lora_lr, robust=RobustConfig(severity=args.severity),
                                  **common),
-        "lexicon_partial": partial.model_copy(update={"robust": robust.model_copy(update={"copies": 0})}),
+        # without augmentation half the gradient signal per step: on the val split 5e-3 scored 0.918 clean and
+        # 0.858 with heavy typos against 0.911 and 0.856 at 3e-3 (tuning_recipes.py)
+        "lexicon_partial": partial.model_copy(update={"robust": robust.model_copy(update={"copies": 0}),
+                                                      "learning_rate": 5e-3}),
     }
 
 
