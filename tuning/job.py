@@ -153,8 +153,9 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
         progress: bool = True, lexicon: Lexicon | None = None) -> tuple[Any, TrainResult]:
     """Choose layers, build the model (LoRA or full) and train it; returns (model, result).
 
-    ``lexicon``: the one the adapter will ship (:func:`build_lexicon`); with ``robust.corrected_copies`` the
-    training inputs are read through it, as the gateway will hand them to the model."""
+    ``lexicon``: the one the adapter will ship (:func:`build_lexicon`, built here when not given); with
+    ``robust.corrected_copies`` the training inputs are read through it, as the gateway will hand them to the
+    model."""
     torch.manual_seed(cfg.seed)
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
     lower = denoise_layers(cfg, layers)
@@ -168,7 +169,9 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
     if lower:  # stage 1 (robust recipe): the denoiser below the task layers, then frozen
         den = Denoiser(cfg, model, loaded.tokenizer, data.train, lower, progress=progress, aligned=aligned,
                        checkpoint_dir=checkpoint_dir.with_name("denoiser") if checkpoint_dir else None).train()
-    behind = lexicon if cfg.robust is not None and cfg.robust.corrected_copies else None
+    behind = None
+    if cfg.robust is not None and cfg.robust.corrected_copies:
+        behind = lexicon if lexicon is not None else build_lexicon(cfg, loaded.tokenizer, data.train)
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores,
                       checkpoint_dir=checkpoint_dir, progress=progress, lexicon=behind)
     result = trainer.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from tsugiki.tuning.data import (
     LABEL_TEMPLATE,
     DataError,
     Example,
+    TuningData,
     label_prompt,
     load_jsonl,
     read_examples,
@@ -32,6 +34,7 @@ from tsugiki.tuning.job import (
     _served_lexicon,
     build_model,
     choose_layers,
+    fit,
     pick_strength,
     run_gate,
     run_local,
@@ -270,7 +273,8 @@ def test_worst_of_trains_each_example_on_its_highest_loss_copy(tiny_dir: Path) -
     assert {v for _, v in fresh._cache} == {0, 1, 2, 3}  # every copy is a candidate in every epoch
 
 
-def test_corrected_copies_train_on_what_the_gateway_serves_and_skip_restored_copies(tiny_dir: Path) -> None:
+def test_corrected_copies_train_on_what_the_gateway_serves_and_skip_restored_copies(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rc = RobustConfig(families=("typos", "keyboard", "ocr"), copies=3, corrected_copies=True)
     cfg = _cfg(tiny_dir, frozen_dtype="float32", robust=rc)
     train = _examples()
@@ -302,6 +306,23 @@ def test_corrected_copies_train_on_what_the_gateway_serves_and_skip_restored_cop
     fresh.train(stop_after=1)
     # the frozen pass covers the copies the epochs use, except the restored ones
     assert set(fresh._cache) == {(i, v) for i in range(len(train)) for v in (0, 1, 2, 3)} - restored
+    # fit() trains through the lexicon it is given, or builds the adapter's own
+    seen: list[Lexicon | None] = []
+
+    class Spy(Trainer):
+        def __init__(self, *a: Any, lexicon: Lexicon | None = None, **kw: Any) -> None:
+            seen.append(lexicon)
+            super().__init__(*a, lexicon=lexicon, **kw)
+
+    monkeypatch.setattr("tsugiki.tuning.job.Trainer", Spy)
+    loaded = load_base_model(cfg.model, progress=False)
+    data = TuningData(train=train, val=train[:4], data_hash="x")
+    one = cfg.model_copy(update={"epochs": 1})
+    fit(one, loaded, data, progress=False, lexicon=lex)
+    fit(one, loaded, data, progress=False)
+    plain = one.model_copy(update={"robust": rc.model_copy(update={"corrected_copies": False})})
+    fit(plain, loaded, data, progress=False, lexicon=lex)
+    assert seen[0] is lex and seen[1] is not None and seen[1].counts == lex.counts and seen[2] is None
     with pytest.raises(ValueError, match="set lexicon to true"):
         RobustConfig(corrected_copies=True, lexicon=False)
     # the lexicon shapes the training inputs now, so it is part of what determines the weights
