@@ -315,13 +315,11 @@ def test_corrected_copies_train_on_what_the_gateway_serves_and_skip_restored_cop
             super().__init__(*a, lexicon=lexicon, **kw)
 
     monkeypatch.setattr("tsugiki.tuning.job.Trainer", Spy)
-    loaded = load_base_model(cfg.model, progress=False)
     data = TuningData(train=train, val=train[:4], data_hash="x")
     one = cfg.model_copy(update={"epochs": 1})
-    fit(one, loaded, data, progress=False, lexicon=lex)
-    fit(one, loaded, data, progress=False)
     plain = one.model_copy(update={"robust": rc.model_copy(update={"corrected_copies": False})})
-    fit(plain, loaded, data, progress=False, lexicon=lex)
+    for c, given in ((one, lex), (one, None), (plain, lex)):  # a fresh base model each (fit wraps it in LoRA)
+        fit(c, load_base_model(cfg.model, progress=False), data, progress=False, lexicon=given)
     assert seen[0] is lex and seen[1] is not None and seen[1].counts == lex.counts and seen[2] is None
     with pytest.raises(ValueError, match="set lexicon to true"):
         RobustConfig(corrected_copies=True, lexicon=False)
