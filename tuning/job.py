@@ -169,11 +169,9 @@ def fit(cfg: TuneConfig, loaded: LoadedBaseModel, data: TuningData, *, checkpoin
     if lower:  # stage 1 (robust recipe): the denoiser below the task layers, then frozen
         den = Denoiser(cfg, model, loaded.tokenizer, data.train, lower, progress=progress, aligned=aligned,
                        checkpoint_dir=checkpoint_dir.with_name("denoiser") if checkpoint_dir else None).train()
-    behind = None
-    if cfg.robust is not None and cfg.robust.corrected_copies:
-        behind = lexicon if lexicon is not None else build_lexicon(cfg, loaded.tokenizer, data.train)
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores,
-                      checkpoint_dir=checkpoint_dir, progress=progress, lexicon=behind)
+                      checkpoint_dir=checkpoint_dir, progress=progress,
+                      lexicon=training_lexicon(cfg, loaded.tokenizer, data.train, lexicon))
     result = trainer.train()
     if den is not None:
         result.denoise = den.to_dict()
@@ -189,6 +187,15 @@ def build_lexicon(cfg: TuneConfig, tokenizer: Any, train: Sequence[Example]) -> 
     if cfg.robust is None or not cfg.robust.lexicon or not texts:
         return None
     return Lexicon.build(texts, common_words(tokenizer) | english_words(word_frequencies()))
+
+
+def training_lexicon(cfg: TuneConfig, tokenizer: Any, train: Sequence[Example], lexicon: Lexicon | None = None
+                     ) -> Lexicon | None:
+    """The lexicon training reads its inputs through: with ``robust.corrected_copies`` the adapter's own
+    (``lexicon``, or built from ``train``), otherwise none (training reads the raw inputs)."""
+    if cfg.robust is None or not cfg.robust.corrected_copies:
+        return None
+    return lexicon if lexicon is not None else build_lexicon(cfg, tokenizer, train)
 
 
 def _val(cfg: TuneConfig, data: TuningData) -> list[Example]:

@@ -44,7 +44,7 @@ def _trial(config: dict[str, Any], base: TuneConfig, data: TuningData) -> None:
     from ray import tune
 
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
-    from tsugiki.tuning.job import build_lexicon, build_model, choose_layers
+    from tsugiki.tuning.job import build_model, choose_layers, training_lexicon
     from tsugiki.tuning.trainer import Trainer
 
     cfg = base.model_copy(update=config)
@@ -53,8 +53,7 @@ def _trial(config: dict[str, Any], base: TuneConfig, data: TuningData) -> None:
     layers, scores = choose_layers(cfg, loaded.model, loaded.tokenizer, data.train)
     model = build_model(cfg, loaded.model, layers)
     # with corrected_copies the trial trains (and scores) on the inputs as the lexicon serves them, as fit() does
-    lexicon = (build_lexicon(cfg, loaded.tokenizer, data.train)
-               if cfg.robust is not None and cfg.robust.corrected_copies else None)
+    lexicon = training_lexicon(cfg, loaded.tokenizer, data.train)
     trainer = Trainer(cfg, model, loaded.tokenizer, data.train, layers=layers, layer_scores=scores, progress=False,
                       lexicon=lexicon)
     scorer = Trainer(cfg, model, loaded.tokenizer, data.val, layers=layers, progress=False, lexicon=lexicon)
