@@ -146,6 +146,12 @@ class TuneConfig(_Frozen):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     learning_rate: float = Field(default=3e-3, gt=0)
+    loraplus_ratio: float = Field(default=1.0, ge=1,
+                                  description="LoRA+ (Hayou et al., 2024): LoRA's B matrices learn this many times "
+                                              "faster than its A matrices (`learning_rate`); 1: plain LoRA. On "
+                                              "CLINC150's val split it did not lift the top 8 layers' clean "
+                                              "accuracy without augmentation (0.920 against 0.918; "
+                                              "benchmarks/README.md).")
     weight_decay: float = Field(default=0.0, ge=0)
     lr_schedule: Literal["constant", "linear"] = Field(
         default="linear", description="'linear': warm up over `warmup_ratio` of the steps, then decay to 0 (as "

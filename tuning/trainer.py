@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file, save_file
 
 from tsugiki.adapters.lexicon import Lexicon
@@ -319,8 +320,16 @@ class Trainer:
             self.noisy.append([encode(tokenizer, p, e.completion, cfg.max_length)
                                for p in noisy_copies(e, cfg, i, lexicon)])
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
-                                     weight_decay=cfg.weight_decay)
+        self.opt: torch.optim.Optimizer
+        if cfg.method == "lora" and cfg.loraplus_ratio != 1.0:  # LoRA+: B learns `loraplus_ratio` times faster
+            self.opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
+                                                 loraplus_lr_ratio=cfg.loraplus_ratio,
+                                                 loraplus_weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.learning_rate,
+                                         weight_decay=cfg.weight_decay)
+        for g in self.opt.param_groups:  # the schedule scales each group's own rate
+            g["initial_lr"] = g["lr"]
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         # the token head every input shares (a prompt template's first line) goes through each layer once per
         # batch instead of once per input: once per run in the frozen layers, once per step in the trained ones
@@ -594,7 +603,7 @@ class Trainer:
                     continue
                 loss = self.loss(batch, epoch)
                 for g in self.opt.param_groups:
-                    g["lr"] = self.cfg.learning_rate * lr_factor(self.cfg, step, total)
+                    g["lr"] = g["initial_lr"] * lr_factor(self.cfg, step, total)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()

@@ -424,6 +424,22 @@ def test_linear_schedule_warms_up_then_decays_to_zero(tiny_dir: Path) -> None:
     assert t.opt.param_groups[0]["lr"] == pytest.approx(cfg.learning_rate / 7)
 
 
+def test_loraplus_gives_b_its_own_rate_and_the_schedule_scales_both(tiny_dir: Path) -> None:
+    cfg = _cfg(tiny_dir, lr_schedule="linear", warmup_ratio=0.1, loraplus_ratio=4.0)
+    t = _trainer(tiny_dir, cfg)
+    rate = {id(p): g["lr"] for g in t.opt.param_groups for p in g["params"]}
+    assert {n.split(".")[-3] for n in t.params} == {"lora_A", "lora_B"}
+    assert {rate[id(p)] for n, p in t.params.items()} == {cfg.learning_rate, 4 * cfg.learning_rate}
+    assert all(rate[id(p)] == (4 if "lora_B" in n else 1) * cfg.learning_rate for n, p in t.params.items())
+    t.train()  # 8 steps: the last at 1/7 of each group's rate
+    assert {round(rate[id(p)] / 7, 12) for p in t.params.values()} == \
+        {round(g["lr"], 12) for g in t.opt.param_groups if g["params"]}
+    assert cfg.fingerprint() != cfg.model_copy(update={"loraplus_ratio": 1.0}).fingerprint()
+    assert len(_trainer(tiny_dir, cfg.model_copy(update={"loraplus_ratio": 1.0})).opt.param_groups) == 1
+    with pytest.raises(ValueError):
+        TuneConfig(loraplus_ratio=0.5)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
 def test_killed_run_resumes_to_the_same_weights(tiny_dir: Path, tmp_path: Path, schedule: str) -> None:
     cfg = _cfg(tiny_dir, epochs=2, lr_schedule=schedule)  # 8 steps, checkpoints every 3
