@@ -82,7 +82,7 @@ def main() -> None:
             acc[key] = {"clean": round(clean, 3), "typos": round(typos, 3), "drop": round(clean - typos, 3)}
     rec = {"name": args.name, "overrides": args.overrides, "torch_threads": threads, "dev": len(dev),
            "train_s": round(train_s, 1), "loop_s": round(res.seconds, 1), "strength_s": round(strength_s, 1),
-           "layers": res.layers, "chosen_strength": chosen, "accuracy": acc}
+           "layers": res.layers, "learning_rate": cfg.learning_rate, "chosen_strength": chosen, "accuracy": acc}
     print(json.dumps(rec), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
