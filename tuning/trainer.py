@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file, save_file
 
 from tsugiki.adapters.lexicon import Lexicon
@@ -322,6 +321,8 @@ class Trainer:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.opt: torch.optim.Optimizer
         if cfg.method == "lora" and cfg.loraplus_ratio != 1.0:  # LoRA+: B learns `loraplus_ratio` times faster
+            from peft.optimizers import create_loraplus_optimizer  # peft takes seconds to import: only when used
+
             self.opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
                                                  loraplus_lr_ratio=cfg.loraplus_ratio,
                                                  loraplus_weight_decay=cfg.weight_decay)
