@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -44,6 +45,27 @@ def setup_threads() -> int:
     n = set_torch_threads(0)
     log(f"torch.get_num_threads() = {torch.get_num_threads()} (set_torch_threads(0) -> {n})")
     return n
+
+
+_TIMING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what torch's CPU kernels and frozen_dtype use
+
+
+def machine() -> dict[str, Any]:
+    """What a wall time depends on besides the code: the CPU model, its instruction sets that torch's kernels and
+    the tuning loop's precision choice (``frozen_dtype``) look at, the cores and torch's version. Timings taken on
+    different machines are not ratios of anything; scripts that keep results across runs compare these first."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "flags": [f for f in _TIMING_FLAGS if f in flags],
+            "torch": torch.__version__}
 
 
 def default_model_dir() -> Path:

@@ -114,6 +114,7 @@ def configs(args: argparse.Namespace) -> dict:
 
 def run_one(args: argparse.Namespace, method: str) -> dict:
     import torch
+    from _common import machine
 
     from tsugiki.config import ModelConfig
     from tsugiki.serve.base_model import load_base_model, set_torch_threads
@@ -127,7 +128,9 @@ def run_one(args: argparse.Namespace, method: str) -> dict:
     tok = loaded.tokenizer
     rss0 = peak_rss_mb()
     out: dict = {"method": method, "task": task_key(args), "torch_threads": threads, "train": len(train),
-                 "val": len(val), "test": len(test), "rss_before_mb": rss0}
+                 "val": len(val), "test": len(test), "rss_before_mb": rss0,
+                 # times are compared only between entries of one machine (see the wall-time bar)
+                 "machine": machine(), "measured_on": time.strftime("%Y-%m-%d", time.gmtime())}
     model = loaded.model
     lexicon = None
     if method != "zero_shot":
@@ -178,6 +181,21 @@ def drop_ratio(p: dict, q: dict) -> float:
 
 def clean_diff(p: dict, q: dict) -> float:
     return float(q["clean"] - p["clean"])
+
+
+def same_machine(*results: dict) -> bool:
+    """Whether the entries' times were measured on one kind of machine (entries from before session 18 did not
+    record theirs, and count as unknown)."""
+    kinds = [r.get("machine") for r in results]
+    return None not in kinds and all(k == kinds[0] for k in kinds)
+
+
+def where(r: dict) -> str:
+    m = r.get("machine")
+    if m is None:
+        return "an unrecorded machine"
+    return (f"{m['cpu']} ({m['cores']} cores, {'/'.join(m['flags']) or 'no AVX2'}) on "
+            f"{r.get('measured_on', '?')}")
 
 
 def interval(stat: Callable[..., float], *results: dict, reps: int = 2000) -> str:
@@ -271,9 +289,14 @@ def main() -> None:
         if {"full_ft", robust} <= every.keys() and {"full_ft", robust} & results.keys():
             f, q = every["full_ft"], every[robust]
             q_s = q["train_seconds"] + q.get("strength_seconds", 0.0)  # the strength choice is part of its tuning
-            print(f"wall time {robust} (training {q['train_seconds']:.0f} s + strength choice "
-                  f"{q.get('strength_seconds', 0):.0f} s) / full FT ({f['train_seconds']:.0f} s): "
-                  f"{q_s / f['train_seconds']:.2f} (bar <= 0.33); clean difference {robust} - full "
+            times = (f"{robust} (training {q['train_seconds']:.0f} s + strength choice "
+                     f"{q.get('strength_seconds', 0):.0f} s) / full FT ({f['train_seconds']:.0f} s)")
+            if same_machine(f, q):
+                ratio = f"{q_s / f['train_seconds']:.2f} (bar <= 0.33)"
+            else:  # a ratio of times from two machines measures the machines
+                ratio = (f"not compared: full FT ran on {where(f)}, {robust} on {where(q)}; rerun both "
+                         f"(--methods full_ft,{robust})")
+            print(f"wall time {times}: {ratio}; clean difference {robust} - full "
                   f"{clean_diff(f['accuracy'], q['accuracy']):+.3f}{interval(clean_diff, f, q)} "
                   "(bar >= -0.01)")
     for m, r in results.items():
