@@ -184,18 +184,18 @@ def clean_diff(p: dict, q: dict) -> float:
 
 
 def same_machine(*results: dict) -> bool:
-    """Whether the entries' times were measured on one kind of machine (entries from before session 18 did not
-    record theirs, and count as unknown)."""
-    kinds = [r.get("machine") for r in results]
-    return None not in kinds and all(k == kinds[0] for k in kinds)
+    """Whether the entries' times were measured on one kind of machine with the same torch threads (entries from
+    before session 18 did not record their machine, and count as unknown)."""
+    kinds = [(r.get("machine"), r.get("torch_threads")) for r in results]
+    return all(k[0] is not None and k == kinds[0] for k in kinds)
 
 
 def where(r: dict) -> str:
     m = r.get("machine")
     if m is None:
         return "an unrecorded machine"
-    return (f"{m['cpu']} ({m['cores']} cores, {'/'.join(m['flags']) or 'no AVX2'}) on "
-            f"{r.get('measured_on', '?')}")
+    return (f"{m['cpu']} ({m['cores']} cores, {'/'.join(m['flags']) or 'no AVX2 or AVX-512'}, "
+            f"{r.get('torch_threads')} torch threads) on {r.get('measured_on', '?')}")
 
 
 def interval(stat: Callable[..., float], *results: dict, reps: int = 2000) -> str:
