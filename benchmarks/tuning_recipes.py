@@ -9,8 +9,8 @@ Trains on tuning_eval.py's task (the same 1341 training and 159 validation queri
 with TuneConfig overrides given as JSON (``robust`` holds RobustConfig overrides; null turns augmentation off),
 picks the strength as the job does, and scores clean and heavy-typo accuracy (typos at 0.3) on 450 queries of
 CLINC150's official *val* split (6 per intent, never the test split tuning_eval.py reports), at the chosen
-strength and at 1.0. Each run appends a line to ``benchmarks/results/tuning_recipes.jsonl``; about 6-10 minutes
-per run on 2 cores.
+strength and at 1.0. Each run appends a line (with its machine) to ``benchmarks/results/tuning_recipes.jsonl``;
+about 6-10 minutes per run on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import tuning_eval as te
-from _common import log
+from _common import log, machine
 
 
 def dev_split() -> list:
@@ -81,6 +81,7 @@ def main() -> None:
                                                lexicon=lex)))
             acc[key] = {"clean": round(clean, 3), "typos": round(typos, 3), "drop": round(clean - typos, 3)}
     rec = {"name": args.name, "overrides": args.overrides, "torch_threads": threads, "dev": len(dev),
+           "machine": machine(), "measured_on": time.strftime("%Y-%m-%d", time.gmtime()),  # times are the machine's
            "train_s": round(train_s, 1), "loop_s": round(res.seconds, 1), "strength_s": round(strength_s, 1),
            "layers": res.layers, "learning_rate": cfg.learning_rate, "chosen_strength": chosen, "accuracy": acc}
     print(json.dumps(rec), flush=True)
