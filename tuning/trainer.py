@@ -127,21 +127,56 @@ class Parts:
         return cls(dec.embed_tokens, dec.layers, dec.norm, dec.rotary_emb, base.get_output_embeddings())
 
 
-def _mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device: torch.device, past: int = 0
-          ) -> torch.Tensor:
-    """Additive [B, 1, T, past + T] mask: the ``past`` shared positions are always visible, the rest causal,
-    and right padding is never attended to."""
-    idx = torch.arange(width, device=device)
-    real = idx[None, :] < torch.tensor(list(lengths), device=device)[:, None]  # [B, T]
-    allowed = (idx[None, :, None] >= idx[None, None, :]) & real[:, None, :]
+def _segments(row: int | Sequence[int]) -> Sequence[int]:
+    return (row,) if isinstance(row, int) else row
+
+
+def _layout(rows: Sequence[int | Sequence[int]], width: int, device: torch.device, past: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment ids [B, T] (-1: padding) and position ids [B, T] of rows that each hold one sequence (an int:
+    its length) or several packed one after another (their lengths)."""
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    pos = torch.arange(past, past + width).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        o = 0
+        for s, m in enumerate(_segments(row)):
+            seg[r, o: o + m] = s
+            pos[r, o: o + m] = torch.arange(past, past + m)
+            o += m
+    return seg.to(device), pos.to(device)
+
+
+def _mask(seg: torch.Tensor, dtype: torch.dtype, past: int = 0) -> torch.Tensor:
+    """Additive [B, 1, T, past + T] mask: the ``past`` shared positions are always visible, the rest causal
+    within each packed sequence, so no sequence sees another or the padding (a padding position sees only
+    padding, so no softmax row is empty)."""
+    b, width = seg.shape
+    idx = torch.arange(width, device=seg.device)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (idx[None, :, None] >= idx[None, None, :])
     if past:
-        allowed = torch.cat([allowed.new_ones((len(lengths), width, past)), allowed], 2)
-    m = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        allowed = torch.cat([allowed.new_ones((b, width, past)), allowed], 2)
+    m = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
     m.masked_fill_(~allowed, torch.finfo(dtype).min)
     return m[:, None]
 
 
-SUB_BATCH = 16  # inputs per pass through the trained layers, grouped by length (Trainer._logits)
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into rows of at most ``capacity`` tokens (first fit, longest first; an
+    input longer than ``capacity`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[j]), None)
+        if r is None:
+            rows.append([])
+            room.append(max(capacity, lengths[j]))
+            r = len(rows) - 1
+        rows[r].append(j)
+        room[r] -= lengths[j]
+    return rows
+
+
+PACK_TOKENS = 128  # tokens per packed row through the trained layers (Trainer._logits)
 
 
 class SharedHead:
@@ -172,16 +207,17 @@ def _cache_kwarg(layer: Any) -> str:
     return "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
 
 
-def run_layers(parts: Parts, h: torch.Tensor, lengths: Sequence[int], start: int, stop: int | None = None,
-               *, head: SharedHead | None = None) -> torch.Tensor:
-    """Right-padded hidden states ``h`` [B, T, D] through ``layers[start:stop]``. With a recorded ``head``,
-    ``h`` continues it (positions start after it and attention sees it); with one still recording, ``h`` is the
-    head itself (batch 1) and its keys and values are kept."""
+def run_layers(parts: Parts, h: torch.Tensor, lengths: Sequence[int | Sequence[int]], start: int,
+               stop: int | None = None, *, head: SharedHead | None = None) -> torch.Tensor:
+    """Right-padded hidden states ``h`` [B, T, D] through ``layers[start:stop]``; ``lengths`` has per row the
+    length of its sequence, or of the sequences packed in it (each attends only to itself, positions restart).
+    With a recorded ``head``, every sequence continues it (positions start after it and attention sees it);
+    with one still recording, ``h`` is the head itself (batch 1) and its keys and values are kept."""
     b, t, _ = h.shape
     past = head.length if head is not None and not head.recording else 0
-    pos = torch.arange(past, past + t, device=h.device)[None].expand(b, t)
+    seg, pos = _layout(lengths, t, h.device, past)
     pe = parts.rotary(h, pos)
-    mask = _mask(lengths, t, h.dtype, h.device, past)
+    mask = _mask(seg, h.dtype, past)
     for layer in parts.layers[start:stop]:
         extra = {_cache_kwarg(layer): head} if head is not None else {}
         out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, **extra)
@@ -425,38 +461,45 @@ class Trainer:
         run_layers(self.parts, hh, [n], self.start, head=head)
         return head
 
-    def _hidden(self, keys: list[tuple[int, int]], head: SharedHead | None, exact: bool = False) -> torch.Tensor:
-        """Final hidden states [B, T, D] of the inputs' own tokens (position ``t`` is token ``n + t``, after the
-        shared head of ``n`` tokens), right-padded."""
+    def _hidden(self, keys: list[tuple[int, int]], head: SharedHead | None, exact: bool = False
+                ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Final hidden states [R, T, D] of the inputs' own tokens (after the shared head of ``n`` tokens),
+        packed into rows of about :data:`PACK_TOKENS` tokens, and where each input starts (row, offset)."""
         encs = [self._enc(k) for k in keys]
         n = len(self.head_ids)
         lengths = [len(e.ids) - n for e in encs]
         if self.start == 0:
-            h0 = self.parts.embed(pad_right([torch.tensor(e.ids[n:], device=self.device) for e in encs]))
+            own = [self.parts.embed(torch.tensor(e.ids[n:], device=self.device)) for e in encs]
         else:
-            h0 = pad_right(self._frozen(encs, exact=True) if exact else self._prefix(keys))
-        return self.parts.norm(run_layers(self.parts, h0, lengths, self.start, head=head))
+            own = self._frozen(encs, exact=True) if exact else self._prefix(keys)
+        rows = pack(lengths, PACK_TOKENS)
+        where: list[tuple[int, int]] = [(0, 0)] * len(keys)
+        for r, members in enumerate(rows):
+            o = 0
+            for j in members:
+                where[j] = (r, o)
+                o += lengths[j]
+        h0 = pad_right([torch.cat([own[j] for j in members]) for members in rows])
+        h = run_layers(self.parts, h0, [tuple(lengths[j] for j in members) for members in rows], self.start,
+                       head=head)
+        return self.parts.norm(h), where
 
     def _logits(self, keys: list[tuple[int, int]], exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions that predict completion tokens, and those tokens (aligned, flattened, in the
         order of ``keys``).
 
-        The inputs go through the trained layers in sub-batches of similar length (:data:`SUB_BATCH` each), so
-        right padding costs little: a batch of clean prompts and their corrupted copies (which tokenize longer)
-        padded to one width is about half padding. Each input's logits do not depend on the others', so the
-        result is the same as one padded batch's."""
+        The inputs go through the trained layers packed end to end into rows (each attending only to itself
+        and the shared head), so there is next to no padding: padded to one width, a batch of clean prompts and
+        their corrupted copies (which tokenize longer, some much longer) was about half padding. Each input's
+        logits do not depend on the others', so the result is the same as one padded batch's."""
         encs = [self._enc(k) for k in keys]
         n = len(self.head_ids)
-        head = self._head_kv(exact)
-        by_length = sorted(range(len(keys)), key=lambda j: len(encs[j].ids))
-        rows: list[torch.Tensor] = [torch.empty(0)] * len(keys)
-        for c in range(0, len(by_length), SUB_BATCH):
-            idx = by_length[c: c + SUB_BATCH]
-            h = self._hidden([keys[j] for j in idx], head, exact)
-            for b, j in enumerate(idx):
-                rows[j] = h[b, encs[j].n_prompt - 1 - n: len(encs[j].ids) - 1 - n]
+        h, where = self._hidden(keys, self._head_kv(exact), exact)
+        rr = [r for (r, o), e in zip(where, encs) for _ in range(e.n_prompt, len(e.ids))]
+        tt = [o + t - 1 - n for (r, o), e in zip(where, encs) for t in range(e.n_prompt, len(e.ids))]
         targets = [t for e in encs for t in e.ids[e.n_prompt:]]
-        return self.parts.head(torch.cat(rows)).float(), torch.tensor(targets, device=self.device)
+        rows = h[torch.tensor(rr, device=self.device), torch.tensor(tt, device=self.device)]
+        return self.parts.head(rows).float(), torch.tensor(targets, device=self.device)
 
     def noisy_variant(self, i: int, epoch: int) -> int:
         """The variant key of the noisy copy example ``i`` trains on in ``epoch`` (it has at least one)."""

@@ -215,21 +215,37 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(tiny_dir: Path) -
         assert ".layers.1." in n  # only the chosen upper layer is trainable
 
 
-def test_length_grouped_sub_batches_give_the_logits_of_each_input_alone(tiny_dir: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_packed_rows_give_the_logits_of_each_input_alone(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tsugiki.tuning.trainer as trainer
 
-    t = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="float32", cache_frozen=False))
-    _same_lora_weights(t)
-    keys = [(i, v) for i in (0, 3, 4, 5, 9) for v in (0, 1)]  # clean and noisy inputs of different lengths
-    assert len({len(t._enc(k).ids) for k in keys}) > 2
-    with torch.no_grad():
-        monkeypatch.setattr(trainer, "SUB_BATCH", 3)
-        grouped, target = t._logits(keys)
-        monkeypatch.setattr(trainer, "SUB_BATCH", 1)
-        alone = [t._logits([k]) for k in keys]
-    assert torch.equal(target, torch.cat([a[1] for a in alone]))
-    assert torch.allclose(grouped, torch.cat([a[0] for a in alone]), atol=1e-5)
+    for cache in (False, True):  # embedded here or cached below the trained layer
+        t = _trainer(tiny_dir, _cfg(tiny_dir, frozen_dtype="float32", cache_frozen=cache))
+        _same_lora_weights(t)
+        keys = [(i, v) for i in (0, 3, 4, 5, 9) for v in (0, 1)]  # clean and noisy inputs of different lengths
+        lengths = [len(t._enc(k).ids) - len(t.head_ids) for k in keys]
+        assert len(set(lengths)) > 2
+        results = []
+        with torch.no_grad():
+            alone = [t._logits([k]) for k in keys]
+            for capacity in (1, max(lengths) + 3, sum(lengths)):  # a row each, several per row, all in one
+                monkeypatch.setattr(trainer, "PACK_TOKENS", capacity)
+                results.append(t._logits(keys))
+        assert [len(trainer.pack(lengths, c)) for c in (1, sum(lengths))] == [len(keys), 1]
+        assert 1 < len(trainer.pack(lengths, max(lengths) + 3)) < len(keys)
+        for packed, target in results:
+            assert torch.equal(target, torch.cat([a[1] for a in alone]))
+            assert torch.allclose(packed, torch.cat([a[0] for a in alone]), atol=1e-5)
+
+
+def test_pack_fills_rows_up_to_capacity() -> None:
+    from tsugiki.tuning.trainer import pack
+
+    lengths = [5, 9, 3, 12, 7, 2]
+    rows = pack(lengths, 12)
+    assert sorted(j for r in rows for j in r) == list(range(len(lengths)))  # every input once
+    assert all(sum(lengths[j] for j in r) <= 12 for r in rows)
+    assert len(rows) == 4  # 38 tokens need at least 4 rows of 12
+    assert pack([20, 3], 8) == [[0], [1]]  # longer than a row: a row of its own
 
 
 def test_robust_loss_is_clean_plus_noisy_cross_entropy_plus_consistency(tiny_dir: Path) -> None:
