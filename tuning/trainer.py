@@ -12,8 +12,9 @@ LoRA on layers ``L0..`` only:
   reused by every input (without dropout exact: the same loss and gradients, for full fine-tuning too);
 * where the hardware computes bfloat16 natively the frozen pass runs in it (``frozen_dtype``; about twice as
   fast; training keeps the model's own precision);
-* the trained layers take each batch in sub-batches of similar length, so clean prompts are not padded to
-  the width of their longer corrupted copies;
+* the trained layers take each batch packed end to end into rows of about :data:`PACK_TOKENS` tokens, each
+  input attending only to itself and the shared head, so nothing is padded to the width of the longest
+  corrupted copy;
 * backpropagation starts at the loss and stops at ``L0``;
 * the LM head runs only at the positions that predict completion tokens.
 
@@ -451,7 +452,7 @@ class Trainer:
 
     def _head_kv(self, exact: bool) -> SharedHead | None:
         """The shared head through the trained layers (batch 1, once per call of :meth:`_logits`, whatever the
-        number of sub-batches that attend to it)."""
+        number of rows that attend to it)."""
         n = len(self.head_ids)
         if not n:
             return None
