@@ -469,10 +469,6 @@ class Trainer:
         encs = [self._enc(k) for k in keys]
         n = len(self.head_ids)
         lengths = [len(e.ids) - n for e in encs]
-        if self.start == 0:
-            own = [self.parts.embed(torch.tensor(e.ids[n:], device=self.device)) for e in encs]
-        else:
-            own = self._frozen(encs, exact=True) if exact else self._prefix(keys)
         rows = pack(lengths, PACK_TOKENS)
         where: list[tuple[int, int]] = [(0, 0)] * len(keys)
         for r, members in enumerate(rows):
@@ -480,7 +476,12 @@ class Trainer:
             for j in members:
                 where[j] = (r, o)
                 o += lengths[j]
-        h0 = pad_right([torch.cat([own[j] for j in members]) for members in rows])
+        if self.start == 0:  # one embedding call: each call's backward makes a vocabulary-sized gradient
+            h0 = self.parts.embed(pad_right([torch.tensor([t for j in members for t in encs[j].ids[n:]],
+                                                          device=self.device) for members in rows]))
+        else:
+            own = self._frozen(encs, exact=True) if exact else self._prefix(keys)
+            h0 = pad_right([torch.cat([own[j] for j in members]) for members in rows])
         h = run_layers(self.parts, h0, [tuple(lengths[j] for j in members) for members in rows], self.start,
                        head=head)
         return self.parts.norm(h), where
