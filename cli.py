@@ -63,13 +63,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from tsugiki.serve.deployments import build_application
+    from tsugiki.serve.deployments import build_application, init_ray, start_serve
 
     app = build_application(settings)  # converts the default model here, with a progress bar, the first time
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=settings.server.log_level == "DEBUG",
+        init_ray(address=os.environ.get("RAY_ADDRESS"), log_to_driver=settings.server.log_level == "DEBUG",
                  logging_level=settings.server.log_level, include_dashboard=False)
-    serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
+    start_serve({"host": settings.server.host, "port": settings.server.port})
     print(f"tsugiki: starting on http://{settings.server.host}:{settings.server.port} ...", file=sys.stderr)
     serve.run(app, name="tsugiki", route_prefix="/")
     print(f"tsugiki: serving on http://{settings.server.host}:{settings.server.port}  (Ctrl-C stops)", file=sys.stderr)

@@ -174,7 +174,7 @@ def run(args: Any) -> dict[str, Any]:
     from ray import serve
 
     from tsugiki.config import load_settings
-    from tsugiki.serve.deployments import build_application
+    from tsugiki.serve.deployments import build_application, init_ray, start_serve
     from tsugiki.tuning.config import TuneConfig
     from tsugiki.tuning.job import submit
 
@@ -207,9 +207,9 @@ def run(args: Any) -> dict[str, Any]:
     with Stage(summary, "start Ray Serve (gateway, model, monitor, controller)"):
         app = build_application(settings)
         # Logical CPUs beyond the physical ones: the tuning task declares 2 CPUs while the replicas hold theirs.
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=True,
+        init_ray(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        start_serve({"host": "127.0.0.1", "port": args.port})
         # quiet replicas: warnings and errors only, no access log (the demo prints its own progress)
         serve.run(app, name="tsugiki", route_prefix="/",
                   logging_config={"log_level": "WARNING", "enable_access_log": False})

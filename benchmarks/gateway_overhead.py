@@ -105,7 +105,7 @@ async def run(args: argparse.Namespace) -> int:
 
     from tsugiki.config import load_settings
     from tsugiki.serve.api import LocalClient, build_app
-    from tsugiki.serve.deployments import build_application
+    from tsugiki.serve.deployments import build_application, init_ray, start_serve
     from tsugiki.serve.server import ModelServer
 
     tmp = Path(tempfile.mkdtemp(prefix="tsugiki-bench-gateway-"))
@@ -121,9 +121,9 @@ async def run(args: argparse.Namespace) -> int:
     C.log(f"starting Ray and the Ray Serve app on 127.0.0.1:{port} (as `tsugiki serve` does)")
     t0 = time.perf_counter()
     app = build_application(settings)
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    init_ray(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve({"host": "127.0.0.1", "port": port})
         serve.run(app, name="tsugiki", route_prefix="/")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as ray_client, \
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=local_app), base_url="http://inproc",

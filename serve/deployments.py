@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +46,12 @@ HUB_NAME = "tsugiki-telemetry"
 HUB_NAMESPACE = "tsugiki"
 PUSH_INTERVAL_S = 2.0
 DRAIN_TIMEOUT_S = 10.0  # below Ray Serve's default graceful_shutdown_timeout_s (20 s)
+# Ray Serve's controller kills an HTTP proxy that is not ready within RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (5 s)
+# three checks running, and serve.start waits 60 s for the proxy. On 2 saturated cores a proxy takes longer to
+# start (imports, uvicorn): with 4 busy processes, serve.start raised ActorDiedError in 2 of 2 tries with Ray's
+# defaults, and started in 2 of 2 with this timeout and one retry.
+PROXY_READY_CHECK_TIMEOUT_S = "30"
+SERVE_START_ATTEMPTS = 3
 
 
 @ray.remote(num_cpus=0)
@@ -329,6 +336,28 @@ class Gateway(_PushesMetrics):
         self._start_push("gateway")
         return build_app(RayClient(self._llm, self._monitor, self._controller), self._settings.server,
                          registry=self.registry, echo_request_id=False, own_metrics_in_texts=True)
+
+
+def init_ray(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``; a local cluster it starts gets :data:`PROXY_READY_CHECK_TIMEOUT_S` (unless the
+    environment sets one): Ray's processes inherit the driver's environment. A running cluster keeps its own."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_TIMEOUT_S)
+    ray.init(**kwargs)
+
+
+def start_serve(http_options: dict[str, Any], attempts: int = SERVE_START_ATTEMPTS) -> None:
+    """``serve.start``, tried again when the HTTP proxy died or was late: the controller keeps restarting it
+    (with a longer readiness timeout each time), and a second ``serve.start`` waits for the running controller's
+    proxy instead of starting another."""
+    for attempt in range(1, attempts + 1):
+        try:
+            serve.start(http_options=http_options)
+            return
+        except (ray.exceptions.RayActorError, TimeoutError) as e:
+            if attempt == attempts:
+                raise
+            logger.warning("Ray Serve's HTTP proxy did not come up (%s: %s); waiting for it again (%d/%d)",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "", attempt + 1, attempts)
 
 
 def resolved_settings(settings: Settings) -> dict[str, Any]:
