@@ -31,7 +31,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "model_card.json"  # optional provenance written by the tuning job
 REFERENCE_FILE = "drift_reference.safetensors"  # optional drift reference (tsugiki.monitoring.reference)
 LEXICON_FILE = "lexicon.json"  # optional word recognition in front of the adapter (tsugiki.adapters.lexicon)
-COMPANION_FILES = (CARD_FILE, REFERENCE_FILE, LEXICON_FILE)  # travel with the weights, outside the content digest
+# travel with the weights; of them only the lexicon is part of the content digest (it changes what the model is
+# handed), the card and drift reference describe the version
+COMPANION_FILES = (CARD_FILE, REFERENCE_FILE, LEXICON_FILE)
 # rank_pattern/alpha_pattern keys are regular expressions from the artifact; Python's `re` has no time limit, and a
 # key like "(.*.*)*x" backtracks for hours on a module name, hanging the replica that loads it. They are matched
 # with the `regex` module (re-compatible syntax, a transformers dependency), which avoids most such blow-ups, within
@@ -97,13 +99,21 @@ def artifact_files(path: Path) -> tuple[Path, Path]:
 
 
 def content_digest(path: Path) -> str:
-    """sha256 over the adapter's config (canonical JSON) and weights bytes: the identity of its content."""
+    """sha256 over the adapter's config (canonical JSON), weights bytes and, when it ships one, its lexicon's bytes:
+    the identity of what it serves. The lexicon corrects the user's words before the model sees them, so the same
+    weights behind another lexicon are another version (and a lexicon changed in an artifact store fails the
+    digest check like changed weights). Without a lexicon the digest is that of config and weights alone."""
     cfg_file, weights_file = artifact_files(path)
     h = hashlib.sha256()
     h.update(json.dumps(_read_config(cfg_file), sort_keys=True).encode())
     with weights_file.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    lexicon = path / LEXICON_FILE
+    if lexicon.is_file():
+        # a safetensors file's header indexes every byte of it, so no valid weights file ends in these bytes
+        h.update(b"\0" + LEXICON_FILE.encode() + b"\0")
+        h.update(lexicon.read_bytes())
     return h.hexdigest()
 
 

@@ -197,7 +197,7 @@ class AdapterStore:
             try:
                 for f in (CONFIG_FILE, WEIGHTS_FILE):
                     shutil.copyfile(src / f, tmp / f)
-                for f in COMPANION_FILES:  # provenance and drift reference travel with the weights (not digested)
+                for f in COMPANION_FILES:  # card, drift reference and lexicon travel with the weights
                     if (src / f).is_file():
                         shutil.copyfile(src / f, tmp / f)
                 if content_digest(tmp) != digest:

@@ -39,6 +39,7 @@ from tsugiki.adapters.registry import (
     parse_key,
     route,
 )
+from tsugiki.adapters.store import AdapterStore
 from tsugiki.errors import AdapterError, ConfigError, InvalidRequestError, NotFoundError, TsugikiError
 
 BASE = "tiny-llama@sha256:0123"
@@ -175,6 +176,41 @@ def test_local_artifacts_refuse_a_wrong_digest_and_unknown_uris(tmp_path: Path, 
         store.fetch(missing, tmp_path / "d")
     with pytest.raises(AdapterError, match="does not end in <name>/<sha256 digest>"):
         store.fetch("file:///tmp/x/notadigest", tmp_path / "d")
+
+
+def test_the_lexicon_is_part_of_the_content_digest(tmp_path: Path, art: list[Path]) -> None:
+    """The lexicon changes what the model is handed: another lexicon is another version, a changed lexicon in an
+    artifact store is refused like changed weights, and an adapter without one keeps the config+weights digest."""
+    import hashlib
+
+    a = art[0]
+    h = hashlib.sha256(json.dumps(json.loads((a / "adapter_config.json").read_text()), sort_keys=True).encode())
+    h.update((a / "adapter_model.safetensors").read_bytes())
+    plain = content_digest(a)
+    assert plain == h.hexdigest()
+    (a / "model_card.json").write_text('{"data_hash": "d1"}')  # describes the version: not digested
+    assert content_digest(a) == plain
+    (a / "lexicon.json").write_text('{"counts": {"balance": 3}}')
+    with_lexicon = content_digest(a)
+    (a / "lexicon.json").write_text('{"counts": {"balance": 4}}')
+    assert len({plain, with_lexicon, content_digest(a)}) == 3
+
+    store = AdapterStore(tmp_path / "store")
+    v1 = store.put("intent", a)
+    (a / "lexicon.json").write_text('{"counts": {"balance": 3}}')
+    v2 = store.put("intent", a)
+    assert (v1.version, v2.version, v2.digest) == (1, 2, with_lexicon)
+    assert store.put("intent", a).version == 2  # same weights, same lexicon: the same version
+
+    artifacts = LocalArtifacts(tmp_path / "a")
+    uri = artifacts.put("intent", a, with_lexicon)
+    stored = artifacts.root / "intent" / with_lexicon
+    (stored / "lexicon.json").write_text('{"counts": {"balance": 3, "balence": 1}}')
+    with pytest.raises(AdapterError, match=rf"artifact {uri} is corrupt"):
+        artifacts.fetch(uri, tmp_path / "got")
+    (stored / "lexicon.json").unlink()  # a lost lexicon too: the adapter would be served without it
+    with pytest.raises(AdapterError, match=rf"artifact {uri} is corrupt"):
+        artifacts.fetch(uri, tmp_path / "got")
 
 
 def test_artifacts_from_uri_chooses_by_scheme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
