@@ -446,7 +446,8 @@ class ModelServer:
                 self.outcomes.capture(request_id, routed.alias, str(routed.key),
                                       prompt if isinstance(prompt, str) else self._user_text(payload) or "", output)
             if routed.shadow is not None:
-                self._background(self._shadow(routed, request_id, ids, params, output, bool(noise and noise.reasons)))
+                self._background(self._shadow(routed, request_id, payload, params, output,
+                                              bool(noise and noise.reasons)))
         if self.monitoring and started:
             if confidence is not None:
                 self.quality.output_confidence.labels(label).observe(confidence)
@@ -458,16 +459,25 @@ class ModelServer:
                 prompt_tokens=len(ids), completion_tokens=len(logprobs), output_logprob=confidence,
                 prompt_logprob=prompt_logprob))
 
-    async def _shadow(self, routed: _Routed, request_id: str, ids: list[int], params: SamplingParams,
+    async def _shadow(self, routed: _Routed, request_id: str, payload: dict[str, Any], params: SamplingParams,
                       served: str, noisy: bool) -> None:
-        """Run the shadow version on a copy of a served request; record its outcome and whether its answer
-        equals the served one (compared only when the served answer was greedy, i.e. deterministic)."""
+        """Run the shadow version on a copy of a served request, as it would be served: the request as sent, read
+        through the shadow version's own lexicon (a refreshed version's lexicon knows words the served one's does
+        not). Record its outcome and whether its answer equals the served one (compared only when the served
+        answer was greedy, i.e. deterministic)."""
         t0 = time.perf_counter()
         assert routed.shadow is not None
         try:
             ref = await self.router.resolve(routed.shadow)
+            mine, _ = self._recognised(payload, await self._lexicon(_Routed(adapter=ref.name, version=ref)))
+            ids = self._prompt_ids(mine)
+            room = self.info.max_model_len - len(ids)  # corrected words may tokenize longer than the served ones
+            if room < 1:  # the copy does not fit the context: no evidence either way
+                logger.info("shadow request skipped: prompt fills the context", extra={"request_id": request_id})
+                return
             req = GenerationRequest(request_id=f"{request_id}-shadow", prompt_ids=tuple(ids),
-                                    params=dataclasses.replace(params, temperature=0.0, seed=None),
+                                    params=dataclasses.replace(params, temperature=0.0, seed=None,
+                                                               max_tokens=min(params.max_tokens, room)),
                                     version=ref, adapter=ref.name)
             logprobs, text = [], []
             async for ev in self.engine.generate(req):

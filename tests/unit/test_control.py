@@ -164,6 +164,40 @@ def test_alias_shadow_canary_promote_with_sticky_callers(env: Env, lora_other: P
     assert metric_value(metrics, "tsugiki_rollout_weight", alias="support", version="support@v2") == 1
 
 
+def test_the_shadow_copy_is_read_through_the_shadow_versions_lexicon(env: Env, lora_other: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refreshed version ships its own lexicon; in shadow it must be measured as it would be served: the request
+    as sent, corrected by its lexicon (not by the served version's, nor not at all)."""
+    from tsugiki.adapters.lexicon import Lexicon
+
+    _first_version(env)  # v1: no lexicon
+    shutil.copytree(lora_other, env.root / "v2")
+    Lexicon.build(["what is my account balance", "freeze my card"]).save(env.root / "v2")
+    assert env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "v2")}
+                           ).json()["key"] == "support@v2"
+    assert env.client.post("/v1/rollouts/support", json={"candidate": "support@v2"}).json()["stage"] == 0
+    seen: dict[str, tuple[int, ...]] = {}
+    generate = env.server.engine.generate
+
+    def spy(req: Any) -> Any:
+        seen[req.request_id] = req.prompt_ids
+        return generate(req)
+
+    monkeypatch.setattr(env.server.engine, "generate", spy)
+    typo = "what is my acount balnce"
+    for _ in range(20):  # each is shadowed with probability 1/2
+        r = env.ask(text=typo)
+        assert r.status_code == 200 and "x-tsugiki-corrected-words" not in r.headers  # v1 served it as sent
+    env.client.portal.call(env.server.drain)  # type: ignore[union-attr]
+    shadows = {k: v for k, v in seen.items() if k.endswith("-shadow")}
+    assert shadows and len(shadows) < len(seen)
+    served = tuple(env.server._prompt_ids({"prompt": label_prompt(typo)}))
+    fixed = tuple(env.server._prompt_ids({"prompt": label_prompt("what is my account balance")}))
+    assert served != fixed
+    assert all(seen[k.removesuffix("-shadow")] == served for k in shadows)
+    assert set(shadows.values()) == {fixed}
+
+
 def test_registration_refuses_unreadable_or_gate_failed_adapters(env: Env, lora_other: Path) -> None:
     corrupt(lora_other, env.root / "nan", "nan")
     r = env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "nan")})
