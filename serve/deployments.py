@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import ray
 from prometheus_client import CollectorRegistry, generate_latest
 from ray import serve
@@ -46,12 +47,14 @@ HUB_NAME = "tsugiki-telemetry"
 HUB_NAMESPACE = "tsugiki"
 PUSH_INTERVAL_S = 2.0
 DRAIN_TIMEOUT_S = 10.0  # below Ray Serve's default graceful_shutdown_timeout_s (20 s)
-# Ray Serve's controller kills an HTTP proxy that is not ready within RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (5 s)
-# three checks running, and serve.start waits 60 s for the proxy. On 2 saturated cores a proxy takes longer to
-# start (imports, uvicorn): with 4 busy processes, serve.start raised ActorDiedError in 2 of 2 tries with Ray's
-# defaults, and started in 2 of 2 with this timeout and one retry.
-PROXY_READY_CHECK_TIMEOUT_S = "30"
-SERVE_START_ATTEMPTS = 3
+# Ray Serve's controller kills an HTTP proxy that is not ready within RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (5 s;
+# times the restart count for a restarted one), and serve.start waits 60 s for the first proxy. On 2 saturated
+# cores a proxy takes minutes to start (imports, uvicorn): with 4 busy processes, serve.start raised
+# ActorDiedError in 2 of 2 tries with Ray's defaults; with 30 s here it raised TimeoutError and start_serve's wait
+# saw the proxy answer after 7 minutes, the controller having killed two proxies seconds before they were ready
+# (each took ~3 minutes). 120 s lets the first restart (240 s) through at that load.
+PROXY_READY_CHECK_TIMEOUT_S = "120"
+SERVE_START_TIMEOUT_S = 600.0  # how long start_serve waits for a proxy serve.start gave up on
 
 
 @ray.remote(num_cpus=0)
@@ -345,19 +348,31 @@ def init_ray(**kwargs: Any) -> None:
     ray.init(**kwargs)
 
 
-def start_serve(http_options: dict[str, Any], attempts: int = SERVE_START_ATTEMPTS) -> None:
-    """``serve.start``, tried again when the HTTP proxy died or was late: the controller keeps restarting it
-    (with a longer readiness timeout each time), and a second ``serve.start`` waits for the running controller's
-    proxy instead of starting another."""
-    for attempt in range(1, attempts + 1):
+def start_serve(http_options: dict[str, Any], timeout_s: float = SERVE_START_TIMEOUT_S) -> None:
+    """``serve.start``; when its HTTP proxy died or was late (serve.start raises, while the controller it started
+    keeps restarting the proxy with a longer readiness timeout each time), wait until the proxy answers HTTP on
+    the configured port, for up to ``timeout_s``. A second ``serve.start`` alone would not do: it connects to the
+    running controller and returns at once, proxy or not."""
+    try:
+        serve.start(http_options=http_options)
+        return
+    except (ray.exceptions.RayActorError, TimeoutError) as e:
+        logger.warning("Ray Serve's HTTP proxy did not come up in serve.start (%s); waiting up to %.0f s for it",
+                       type(e).__name__, timeout_s)
+    serve.start(http_options=http_options)  # the running controller's client, for the serve.run that follows
+    host = str(http_options.get("host") or "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{host}:{int(http_options.get('port') or 8000)}/-/healthz"
+    deadline = time.monotonic() + timeout_s
+    while True:
         try:
-            serve.start(http_options=http_options)
+            httpx.get(url, timeout=5.0)  # any answer (503 before the first route table too): the proxy listens
             return
-        except (ray.exceptions.RayActorError, TimeoutError) as e:
-            if attempt == attempts:
-                raise
-            logger.warning("Ray Serve's HTTP proxy did not come up (%s: %s); waiting for it again (%d/%d)",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "", attempt + 1, attempts)
+        except httpx.HTTPError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Ray Serve's HTTP proxy did not answer on {url} within {timeout_s:.0f} s; its "
+                                   "log is under /tmp/ray/session_latest/logs/serve/") from None
+            time.sleep(1.0)
 
 
 def resolved_settings(settings: Settings) -> dict[str, Any]:
