@@ -97,8 +97,11 @@ class ArtifactStore(ABC):
                 os.replace(tmp, dest_dir)
             else:  # an existing directory (a cache slot): each file is replaced atomically
                 dest_dir.mkdir(parents=True, exist_ok=True)
-                for f in os.listdir(tmp):
+                got = os.listdir(tmp)
+                for f in got:
                     os.replace(tmp / f, dest_dir / f)
+                for f in set(COMPANION_FILES) - set(got):  # a stale one must not stay (a lexicon changes answers)
+                    (dest_dir / f).unlink(missing_ok=True)
             return dest_dir
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -211,6 +211,15 @@ def test_the_lexicon_is_part_of_the_content_digest(tmp_path: Path, art: list[Pat
     (stored / "lexicon.json").unlink()  # a lost lexicon too: the adapter would be served without it
     with pytest.raises(AdapterError, match=rf"artifact {uri} is corrupt"):
         artifacts.fetch(uri, tmp_path / "got")
+    # fetched into an existing directory, no companion file the artifact lacks stays behind
+    plain_uri = artifacts.put("plain", art[1], content_digest(art[1]))
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    (slot / "lexicon.json").write_text('{"counts": {"stale": 1}}')
+    (slot / "notes.txt").write_text("not an artifact file: left alone")
+    artifacts.fetch(plain_uri, slot)
+    assert not (slot / "lexicon.json").exists() and (slot / "notes.txt").exists()
+    assert content_digest(slot) == content_digest(art[1])
 
 
 def test_artifacts_from_uri_chooses_by_scheme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
