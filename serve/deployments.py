@@ -366,7 +366,8 @@ def start_serve(http_options: dict[str, Any], timeout_s: float = SERVE_START_TIM
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            httpx.get(url, timeout=5.0)  # any answer (503 before the first route table too): the proxy listens
+            # any answer (503 before the first route table too): the proxy listens; never via an HTTP(S)_PROXY
+            httpx.get(url, timeout=5.0, trust_env=False)
             return
         except httpx.HTTPError:
             if time.monotonic() >= deadline:

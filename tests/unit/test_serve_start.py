@@ -28,7 +28,8 @@ class FakeServe:
         if self.failures:
             raise self.failures.pop(0)
 
-    def probe(self, url: str, timeout: float) -> httpx.Response:
+    def probe(self, url: str, timeout: float, trust_env: bool) -> httpx.Response:
+        assert not trust_env  # a local probe never goes through the environment's HTTP proxy
         self.probes.append(url)
         if len(self.probes) <= self.down:
             raise httpx.ConnectError("connection refused")
