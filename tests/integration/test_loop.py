@@ -33,10 +33,11 @@ import yaml
 
 from tests.integration.conftest import free_port, wait_for
 
-# The module's fixture runs `tsugiki demo --quick` (about 9-10 minutes on 2 cores), which the project-wide
-# 600 s per-test timeout only just covered: a run at 600 s timed out in CI. Its own budget instead, well under
-# the fixture's 2400 s subprocess timeout.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+# The module's fixture runs `tsugiki demo --quick`: about 9-10 minutes on the 2 cores it was written on, more than
+# 25 on the AVX2-only 2-core hosts of sessions 19-20 (the refresh alone ~740 s; 1500 s ran out in its last stage,
+# after the promotion). Its own budget instead of the project-wide 600 s, under the fixture's 2400 s subprocess
+# timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2100)]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
