@@ -204,9 +204,13 @@ class EngineCore:
         if weights is None:
             assert self.store is not None
             weights = self.read_adapter(str(self.store.path_of(ref)), ref.key)
-        self.cache.add(ref)
-        for name, (a, b) in weights.modules.items():
-            self.lora_layers[name].add_adapter(ref.key, a, b, weights.scaling[name])
+        self.cache.add(ref)  # first: it evicts to make room before the new weights take memory
+        try:
+            for name, (a, b) in weights.modules.items():
+                self.lora_layers[name].add_adapter(ref.key, a, b, weights.scaling[name])
+        except BaseException:  # an out-of-memory part-way: not resident with some layers only
+            self.cache.remove(ref)
+            raise
         if self.metrics:
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             self.metrics.adapters_loaded.set(len(self.cache))

@@ -7,10 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+# temperatures below this decode greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a smaller one
+# gives 0/0 = NaN at the top token, and torch.multinomial refuses the row
+SAMPLING_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples. ``temperature == 0`` is greedy decoding."""
+    """How one request samples. ``temperature`` 0 (or below :data:`SAMPLING_EPS`) is greedy decoding."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -23,7 +27,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass
@@ -52,7 +56,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        # shifted by the maximum first: a tiny temperature then gives -inf for every other token (the greedy
+        # shifted by the maximum first: a small temperature then gives -inf for every other token (the greedy
         # limit) instead of overflowing to inf - inf = NaN
         row = logits[i]
         probs = torch.softmax((row - row.max()) / p.temperature, dim=-1)

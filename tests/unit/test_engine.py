@@ -201,6 +201,30 @@ def test_lru_residency_under_pressure(tiny_dir: Path, store: AdapterStore) -> No
     assert any(layer.lora_A for layer in core.lora_layers.values())
 
 
+def test_an_install_that_fails_part_way_leaves_nothing_resident(tiny_dir: Path, store: AdapterStore,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory while an adapter's layers are being filled: the adapter is not recorded as resident with
+    some layers only (which would serve it silently wrong), and the next attempt installs it whole."""
+    core = _core(tiny_dir, store)
+    ref = store.require("all")
+    layers = list(core.lora_layers.values())
+    real, calls = type(layers[0]).add_adapter, []
+
+    def oom_on_the_third(self: object, *a: object) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        real(self, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(layers[0]), "add_adapter", oom_on_the_third)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        core.ensure_resident(ref)
+    assert ref not in core.cache and not any(layer.lora_A for layer in layers)
+    monkeypatch.setattr(type(layers[0]), "add_adapter", real)
+    assert core.ensure_resident(ref) and ref in core.cache
+    assert sum(ref.key in layer.lora_A for layer in layers) > 3
+
+
 def test_unloaded_adapter_fails_queued_request_and_queue_limit(tiny_dir: Path, store: AdapterStore) -> None:
     core = _core(tiny_dir, store, max_waiting=1)
     ids = tuple(core.tokenizer("hello")["input_ids"])
@@ -310,11 +334,14 @@ def test_a_failed_prefill_fails_the_requests_it_admitted(tiny_dir: Path, store: 
     assert not any(core.cache.pinned(r) for r in core.cache.refs())
 
 
-def test_a_tiny_temperature_samples_the_most_likely_token() -> None:
+@pytest.mark.parametrize("temperature", [1e-4, 1e-6, 1e-40, 1e-300])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature: float) -> None:
+    # (1e-300 is 0 in float32: dividing the logits by it made the top token 0/0 = NaN, and the whole batch failed)
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, -1.0, 2.0]])
-    params = [SamplingParams(max_tokens=1, temperature=1e-40, seed=1)] * 2
+    params = [SamplingParams(max_tokens=1, temperature=temperature, seed=1)] * 2
     gens = [torch.Generator().manual_seed(1) for _ in params]
     assert [s.token_id for s in sample_rows(logits, params, gens)] == [1, 0]
+    assert params[0].greedy == (temperature < 1e-5)
 
 
 def test_a_failure_during_admission_fails_the_requests_already_admitted(tiny_dir: Path, store: AdapterStore,
