@@ -236,6 +236,9 @@ def read_lora_artifact(path: str | Path, *, max_file_bytes: int = 512 * 2**20) -
             raise AdapterError(f"{weights_file}: module {name!r} has lora_A {tuple(a.shape)} and lora_B "
                                f"{tuple(b.shape)}; expected [r, in] and [out, r]", param="path",
                                code="corrupt_adapter")
+        if a.shape[0] == 0:
+            raise AdapterError(f"{weights_file}: module {name!r} has rank 0 (lora_A {tuple(a.shape)}); a LoRA "
+                               "module needs rank 1 or more", param="path", code="corrupt_adapter")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise AdapterError(f"{weights_file}: module {name!r} weights are not floating point", param="path",
                                code="corrupt_adapter")

@@ -64,6 +64,7 @@ def test_digest_changes_with_content(lora_all: Path, lora_other: Path) -> None:
     ("not_lora", "LoRA adapters only"),
     ("dora", "DoRA adapters are not supported"),
     ("half_pair", "but not its partner"),
+    ("rank_zero", "has rank 0"),
     ("embedding", "not a LoRA A/B weight of a linear layer"),
     ("alpha_text", "lora_alpha must be a positive number, got 'x'"),
     ("alpha_null_rank_bool", "r must be a positive number, got True"),
@@ -107,6 +108,16 @@ def test_refuses_bad_artifacts(case: str, match: str, lora_all: Path, tmp_path: 
             k = next(k for k in tensors if "lora_B" in k)
             del tensors[k]
             save_file(tensors, weights)
+        elif case == "rank_zero":  # an empty pair and no "r" in the config: the scaling divided by zero
+            pair = sorted(k for k in tensors if "lora_" in k)[:2]
+            for k in pair:
+                shape = list(tensors[k].shape)
+                shape[0 if "lora_A" in k else 1] = 0
+                tensors[k] = torch.zeros(shape)
+            save_file(tensors, weights)
+            cfg.pop("r", None)
+            cfg.pop("rank_pattern", None)
+            cfg_file.write_text(json.dumps(cfg))
         elif case == "embedding":
             tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 10)
             save_file(tensors, weights)
