@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -148,6 +149,9 @@ async def json_object(request: Request) -> dict[str, Any]:
         data = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers beyond Python's digit limit
         raise InvalidRequestError(f"request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise InvalidRequestError("request body nests arrays or objects too deeply to parse",
+                                  code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
     try:  # JSON may spell a lone UTF-16 surrogate ("\ud800"), which no tokenizer, database or encoder accepts
@@ -259,6 +263,14 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
     @app.exception_handler(TsugikiError)
     async def _tsugiki_error(request: Request, exc: TsugikiError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _params_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a query parameter of the wrong type (?limit=abc): FastAPI's own 422 has another shape
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        name = ".".join(str(x) for x in first.get("loc", ()) if x not in ("query", "path", "body", "header"))
+        return error_response(InvalidRequestError(f"{name}: {first.get('msg')}" if name else str(first.get("msg")),
+                                                  param=name or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -259,16 +259,21 @@ class ModelServer:
         return lexicon
 
     @staticmethod
-    def _recognised(payload: dict[str, Any], lexicon: Lexicon | None) -> tuple[dict[str, Any], int]:
+    def _recognised(payload: dict[str, Any], lexicon: Lexicon | None, max_words: int
+                    ) -> tuple[dict[str, Any], int]:
         """The payload with the user's words corrected by ``lexicon`` (the user messages of a chat; the text inside
         a label-template prompt, or the whole prompt), and how many words changed. Token-id prompts and the
-        template's own words are left alone."""
+        template's own words are left alone, and so is a text of more than ``max_words`` words: each word is a
+        token at least, so it cannot fit the context (the length check refuses it) and correcting it would only
+        cost time (about 2 ms per unknown long word)."""
         if lexicon is None:
             return payload, 0
         changed = 0
 
         def fix(text: str) -> str:
             nonlocal changed
+            if len(text.split()) > max_words:
+                return text
             new = lexicon.correct(text)
             changed += sum(a != b for a, b in zip(text.split(" "), new.split(" ")))
             return new
@@ -283,6 +288,13 @@ class ModelServer:
         inner = text_of_label_prompt(prompt)
         return {**payload, "prompt": fix(prompt) if inner is None else label_prompt(fix(inner))}, changed
 
+    async def _read_through(self, payload: dict[str, Any], lexicon: Lexicon | None) -> tuple[dict[str, Any], int]:
+        """:meth:`_recognised` off the event loop (a long prompt's correction is pure Python: the loop keeps
+        serving other streams while it runs)."""
+        if lexicon is None:
+            return payload, 0
+        return await asyncio.to_thread(self._recognised, payload, lexicon, self.info.max_model_len)
+
     # ---- generation ----------------------------------------------------------------------------------------------
     def _prompt_ids(self, payload: dict[str, Any]) -> list[int]:
         tok = self.tokenizer
@@ -290,7 +302,13 @@ class ModelServer:
             if not tok.chat_template:
                 raise InvalidRequestError(f"base model {self.info.name!r} has no chat template; use /v1/completions",
                                           param="messages")
-            enc = tok.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+            from jinja2 import TemplateError
+
+            try:
+                enc = tok.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+            except TemplateError as e:  # the model's template refuses the conversation (roles must alternate...)
+                raise InvalidRequestError(f"base model {self.info.name!r}'s chat template refused these messages: "
+                                          f"{e}", param="messages") from None
             ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
             return list(ids)
         prompt = payload.get("prompt")
@@ -394,7 +412,7 @@ class ModelServer:
             routed = await self._route(payload, request_id)
             # the model reads the user's words as the adapter's lexicon corrects them; noise scoring, captures
             # and the monitor see them as sent
-            served, corrected = self._recognised(payload, await self._lexicon(routed))
+            served, corrected = await self._read_through(payload, await self._lexicon(routed))
             ids = self._prompt_ids(served)
             params = self._params(served, len(ids))
         except TsugikiError as e:
@@ -469,7 +487,7 @@ class ModelServer:
         assert routed.shadow is not None
         try:
             ref = await self.router.resolve(routed.shadow)
-            mine, _ = self._recognised(payload, await self._lexicon(_Routed(adapter=ref.name, version=ref)))
+            mine, _ = await self._read_through(payload, await self._lexicon(_Routed(adapter=ref.name, version=ref)))
             ids = self._prompt_ids(mine)
             room = self.info.max_model_len - len(ids)  # corrected words may tokenize longer than the served ones
             if room < 1:  # the copy does not fit the context: no evidence either way
