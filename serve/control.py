@@ -79,6 +79,7 @@ class ControlPlane:
         self.monitor_reset = monitor_reset
         self.roots = settings.adapter_roots()
         self._refresh_task: asyncio.Task[Any] | None = None
+        self._stale: set[str] = set()  # refresh candidates left for an operator (gated against a stable since replaced)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.last_tick: list[dict[str, Any]] = []
@@ -196,12 +197,24 @@ class ControlPlane:
         self._refresh_task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.refresher.run, ref))
 
     def _roll_out_new_candidates(self) -> None:
-        """Start a rollout for every candidate a finished refresh registered and nobody rolled out yet."""
+        """Start a rollout for every candidate a finished refresh registered and nobody rolled out yet, if the alias
+        still serves the stable version it was trained from and gated against. One whose stable was replaced
+        meanwhile (an operator's rollout finished while it trained) is left a candidate: its gate never compared
+        it with the version it would replace, so an operator decides (``tsugiki rollout start``)."""
         for ref in self.registry.refreshes():
-            if ref.state != "done" or ref.candidate is None:
+            if ref.state != "done" or ref.candidate is None or ref.candidate in self._stale:
                 continue
             rec = self.registry.get(*parse_key(ref.candidate))
             if rec.state != VersionState.candidate or self.registry.get_rollout(ref.alias) is not None:
+                continue
+            gated_against = ref.detail.get("stable") or (f"{rec.name}@v{rec.parent_version}"
+                                                        if rec.parent_version is not None else None)
+            stable = [k for k, w in self.registry.get_alias(ref.alias).routes.items() if w >= 1.0 - 1e-9]
+            if gated_against is not None and stable != [gated_against]:
+                self._stale.add(ref.candidate)
+                logger.warning("refresh candidate not rolled out: the alias's stable version changed while it "
+                               "trained", extra={"alias": ref.alias, "candidate": ref.candidate,
+                                                "gated_against": gated_against, "stable": stable})
                 continue
             res = self.rollouts.start(ref.alias, ref.candidate, actor="refresh")
             logger.info("rollout started", extra=res)

@@ -303,6 +303,45 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
         fresh.registry.close()
 
 
+def test_a_refresh_keeps_its_training_data_and_is_not_rolled_out_over_a_stable_it_was_not_gated_against(
+        env: Env, lora_other: Path, lora_qv: Path) -> None:
+    _first_version(env)
+    shutil.copytree(lora_other, env.root / "v2")
+    shutil.copytree(lora_qv, env.root / "v3")
+    env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100})
+    for i in range(6):
+        r = env.ask(text=f"where is my parcel {i}")
+        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "track_parcel"})
+
+    def refresh() -> Any:
+        assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+        env.step()
+        env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+        return env.plane.registry.refreshes("support")[-1]
+
+    # support@v1's training data is gone: training on the captures alone would forget its intents unseen by the
+    # gate (its validation data would be captures too), so the refresh fails and says what to do
+    data = env.root / "data.jsonl"
+    data.rename(env.root / "elsewhere.jsonl")
+    ref = refresh()
+    assert ref.state == "failed" and "support@v1's training data" in ref.detail["error"] and "shared volume" in \
+        ref.detail["error"], ref
+    assert env.tune_calls == []  # type: ignore[attr-defined]
+    (env.root / "elsewhere.jsonl").rename(data)
+    ref = refresh()
+    assert ref.state == "done" and ref.candidate == "support@v2" and ref.detail["stable"] == "support@v1", ref
+    # meanwhile an operator rolls out and promotes another version: the refresh's candidate was gated against
+    # support@v1, never against support@v3, so it is not rolled out over it
+    assert env.client.post("/v1/registry/versions", json={"name": "support", "path": str(env.root / "v3")}).json()[
+        "key"] == "support@v3"
+    assert env.client.post("/v1/rollouts/support", json={"candidate": "support@v3"}).status_code == 201
+    env.plane.rollouts.promote("support")
+    assert env.plane.registry.get_alias("support").routes == {"support@v3": 1.0}
+    env.step()
+    env.step()
+    assert env.plane.registry.get_rollout("support") is None and env.version("support@v2") == VersionState.candidate
+
+
 def test_failures_end_as_outcomes_not_stuck_state(env: Env, lora_other: Path) -> None:
     _first_version(env)
     # a routed version whose files vanished from the artifact store: a 500 for the caller, evidence for the controller
