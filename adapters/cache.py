@@ -14,7 +14,7 @@ from tsugiki.adapters.format import AdapterRef
 
 
 class AdapterCache:
-    """LRU bookkeeping over adapter versions (keyed by :attr:`AdapterRef.key`).
+    """LRU bookkeeping over adapter versions (keyed by :attr:`AdapterRef.slot`: version and content).
 
     Args:
         capacity: most adapter versions resident at once.
@@ -30,7 +30,7 @@ class AdapterCache:
         self._pins: dict[str, int] = {}
 
     def __contains__(self, ref: AdapterRef) -> bool:
-        return ref.key in self._lru
+        return ref.slot in self._lru
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -39,7 +39,7 @@ class AdapterCache:
         return list(self._lru.values())
 
     def touch(self, ref: AdapterRef) -> None:
-        self._lru.move_to_end(ref.key)
+        self._lru.move_to_end(ref.slot)
 
     def has_room(self) -> bool:
         """True when a new adapter can be added now (a free slot, or an unpinned one to evict)."""
@@ -47,7 +47,7 @@ class AdapterCache:
 
     def add(self, ref: AdapterRef) -> list[AdapterRef]:
         """Record ``ref`` as resident, evicting least-recently-used unpinned entries. Returns the evicted refs."""
-        if ref.key in self._lru:
+        if ref.slot in self._lru:
             self.touch(ref)
             return []
         evicted = []
@@ -56,25 +56,25 @@ class AdapterCache:
             if victim is None:
                 raise RuntimeError("every cached adapter is pinned; check has_room() before add()")
             evicted.append(self.remove(self._lru[victim]))
-        self._lru[ref.key] = ref
+        self._lru[ref.slot] = ref
         return evicted
 
     def remove(self, ref: AdapterRef) -> AdapterRef:
         """Drop ``ref`` now (unload), calling the eviction hook."""
-        self._lru.pop(ref.key, None)
-        self._pins.pop(ref.key, None)
+        self._lru.pop(ref.slot, None)
+        self._pins.pop(ref.slot, None)
         self._on_evict(ref)
         return ref
 
     def pin(self, ref: AdapterRef) -> None:
-        self._pins[ref.key] = self._pins.get(ref.key, 0) + 1
+        self._pins[ref.slot] = self._pins.get(ref.slot, 0) + 1
 
     def unpin(self, ref: AdapterRef) -> None:
-        n = self._pins.get(ref.key, 0) - 1
+        n = self._pins.get(ref.slot, 0) - 1
         if n > 0:
-            self._pins[ref.key] = n
+            self._pins[ref.slot] = n
         else:
-            self._pins.pop(ref.key, None)
+            self._pins.pop(ref.slot, None)
 
     def pinned(self, ref: AdapterRef) -> bool:
-        return self._pins.get(ref.key, 0) > 0
+        return self._pins.get(ref.slot, 0) > 0

@@ -56,6 +56,12 @@ class AdapterRef:
         """Internal id of this version (the name alone may point at a newer version later)."""
         return f"{self.name}@v{self.version}"
 
+    @property
+    def slot(self) -> str:
+        """Id of these weights on a replica (cache and LoRA layers): the key and the digest, since a version
+        loaded directly and a registry version of the same name and number may hold different content."""
+        return f"{self.key}#{self.digest[:16]}"
+
 
 @dataclass
 class LoraWeights:

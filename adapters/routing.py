@@ -68,7 +68,7 @@ class AliasRouter:
         self._aliases: dict[str, Alias] = {}
         self._versions: dict[str, dict[str, str]] = {}
         self._read_at = -float("inf")
-        self.routed: set[str] = set()  # version keys of the current table (see _routed_keys), set on each refresh
+        self.routed: set[str] = set()  # slots of the current table's versions (see _routed), set on each refresh
         self._refreshing: asyncio.Lock | None = None
         self._fetch_lock = threading.Lock()
 
@@ -83,7 +83,7 @@ class AliasRouter:
                         snap = await asyncio.wait_for(self.source(), timeout=SNAPSHOT_TIMEOUT_S)
                         self._aliases = {a["alias"]: Alias(**a) for a in snap["aliases"]}
                         self._versions = dict(snap["versions"])
-                        self.routed = self._routed_keys()
+                        self.routed = self._routed()
                     except Exception as e:  # serve with the last table; the controller may be restarting
                         logger.warning(f"alias table refresh failed, keeping the last one: {type(e).__name__}: {e}")
                     self._read_at = self._clock()
@@ -92,14 +92,15 @@ class AliasRouter:
     async def get(self, name: str) -> Alias | None:
         return (await self.aliases()).get(name)
 
-    def _routed_keys(self) -> set[str]:
-        """Version keys some alias routes or shadows to (the engine keeps them resident)."""
+    def _routed(self) -> set[str]:
+        """Slots (:attr:`AdapterRef.slot`) of the versions some alias routes or shadows to (the engine keeps them
+        resident)."""
         keys: set[str] = set()
         for a in self._aliases.values():
             keys.update(k for k, w in a.routes.items() if w > 0)
             if a.shadow and a.shadow_share > 0:
                 keys.add(a.shadow)
-        return keys
+        return {self.ref(k).slot for k in keys if k in self._versions}
 
     @staticmethod
     def pick(alias: Alias, caller_key: str) -> str:

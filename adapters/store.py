@@ -2,13 +2,16 @@
 
 Layout::
 
-    <root>/index.json                       names -> versions and the active version
+    <root>/index.json                       names -> versions and the active version; registry copies
     <root>/<name>/v<N>-<digest[:12]>/       adapter_config.json, adapter_model.safetensors (never modified)
+    <root>/.registry/<name>/v<N>-<digest[:12]>/   a registry version's files, fetched for an alias
 
 Importing a directory whose content differs from every stored version of that name creates version N+1;
-importing identical content re-activates the existing version. Writers serialise on an ``fcntl`` lock and
-replace ``index.json`` atomically, so replicas on one filesystem (or a shared volume) see one consistent
-state; readers notice changes by the index file's mtime, a single ``stat`` per lookup.
+importing identical content re-activates the existing version. Copies of registry versions keep the
+registry's numbers in a section of their own, so a name loaded directly here (``tsugiki tune``,
+``POST /v1/adapters``) and registered in the registry never compete for a number. Writers serialise on an
+``fcntl`` lock and replace ``index.json`` atomically, so replicas on one filesystem (or a shared volume) see one
+consistent state; readers notice changes by the index file's mtime, a single ``stat`` per lookup.
 """
 
 from __future__ import annotations
@@ -128,10 +131,19 @@ class AdapterStore:
                                      param="model")
         return ref
 
+    def _entry_of(self, ref: AdapterRef) -> dict[str, Any] | None:
+        """The index entry holding exactly ``ref`` (number and digest): loaded directly, or a registry copy (an
+        index written before registry copies had a section of their own holds them among the direct ones)."""
+        index = self._load()
+        for section in ("adapters", "registry"):
+            v = index.get(section, {}).get(ref.name, {}).get("versions", {}).get(str(ref.version))
+            if v is not None and v["digest"] == ref.digest:
+                return v  # type: ignore[no-any-return]
+        return None
+
     def path_of(self, ref: AdapterRef) -> Path:
-        entry = self._load()["adapters"].get(ref.name, {})
-        v = entry.get("versions", {}).get(str(ref.version))
-        if v is None or v["digest"] != ref.digest:
+        v = self._entry_of(ref)
+        if v is None:
             raise ModelNotFoundError(f"adapter version {ref.key} is not in the store", param="model")
         return self.root / v["path"]
 
@@ -170,15 +182,20 @@ class AdapterStore:
         is False).
 
         Identical content to an existing version reuses that version; new content becomes version N+1, or
-        ``version`` when given: the registry numbers the versions of the adapters it manages, and every node's
-        store must use the same numbers (a different digest under a taken number is an error).
+        ``version`` when given: the registry numbers the versions of the adapters it manages, and a copy of one
+        is kept under that number (a different digest under a taken number is an error), in a section of its own
+        (never active: aliases route to it).
         """
         check_name(name)
         src = Path(src)
         artifact_files(src)
         digest = digest or content_digest(src)
+        registry = version is not None
+        if registry and activate:
+            raise ValueError("a registry version's copy is never the active version of a loaded adapter")
         with self._locked() as index:
-            entry = index["adapters"].setdefault(name, {"versions": {}, "active": None})
+            section = index.setdefault("registry", {}) if registry else index["adapters"]
+            entry = section.setdefault(name, {"versions": {}, "active": None})
             for ver, v in entry["versions"].items():
                 if v["digest"] == digest and (self.root / v["path"]).is_dir() and version in (None, int(ver)):
                     if activate:
@@ -190,7 +207,7 @@ class AdapterStore:
                                    param="version")
             if version is None:
                 version = max((int(v) for v in entry["versions"]), default=0) + 1
-            rel = f"{name}/v{version}-{digest[:12]}"
+            rel = f"{'.registry/' if registry else ''}{name}/v{version}-{digest[:12]}"
             dest = self.root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=dest.parent))
@@ -216,8 +233,8 @@ class AdapterStore:
 
     def has(self, ref: AdapterRef) -> bool:
         """Whether this exact version (name, number and digest) is on disk here."""
-        v = self._load()["adapters"].get(ref.name, {}).get("versions", {}).get(str(ref.version))
-        return v is not None and v["digest"] == ref.digest and (self.root / v["path"]).is_dir()
+        v = self._entry_of(ref)
+        return v is not None and (self.root / v["path"]).is_dir()
 
     def deactivate(self, name: str) -> AdapterRef:
         """Stop serving ``name`` (its versions stay on disk for audit and rollback)."""

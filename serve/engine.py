@@ -123,7 +123,8 @@ class EngineCore:
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.shapes = {n: (m.in_features, m.out_features) for n, m in self.lora_layers.items()}
         self.cache = AdapterCache(adapter_cfg.max_loaded, self._evict)
-        # Version keys aliases route to (set by the server from the registry): kept resident like active versions.
+        # Slots of the versions aliases route to (set by the server from the registry): kept resident like active
+        # versions.
         self.routed: set[str] = set()
         self._waiting: deque[tuple[GenerationRequest, Sink]] = deque()
         self._rows: list[_Seq] = []
@@ -207,7 +208,7 @@ class EngineCore:
         self.cache.add(ref)  # first: it evicts to make room before the new weights take memory
         try:
             for name, (a, b) in weights.modules.items():
-                self.lora_layers[name].add_adapter(ref.key, a, b, weights.scaling[name])
+                self.lora_layers[name].add_adapter(ref.slot, a, b, weights.scaling[name])
         except BaseException:  # an out-of-memory part-way: not resident with some layers only
             self.cache.remove(ref)
             raise
@@ -218,7 +219,7 @@ class EngineCore:
 
     def _evict(self, ref: AdapterRef) -> None:
         for layer in self.lora_layers.values():
-            layer.remove_adapter(ref.key)
+            layer.remove_adapter(ref.slot)
         if self.metrics:
             self.metrics.adapters_loaded.set(len(self.cache))
 
@@ -227,9 +228,9 @@ class EngineCore:
         (:attr:`routed`), unless in use."""
         if self.store is None:
             return
-        active = {r.key for r in self.store.active_refs().values()} | self.routed
+        keep = {r.slot for r in self.store.active_refs().values()} | self.routed
         for ref in self.cache.refs():
-            if ref.key not in active and not self.cache.pinned(ref):
+            if ref.slot not in keep and not self.cache.pinned(ref):
                 self.cache.remove(ref)
 
     # ---- the loop --------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class EngineCore:
         t0 = time.perf_counter()
         if self._capture:
             self._hidden = torch.empty(0)  # arm the hook
-        logits = self._forward(ids, attn, positions, kv, [s.ref.key if s.ref else None for s in new])
+        logits = self._forward(ids, attn, positions, kv, [s.ref.slot if s.ref else None for s in new])
         hidden, self._hidden = self._hidden, None
         if hidden is not None and hidden.dim() == 3:
             mask = attn[:, :, None].to(hidden.dtype)
@@ -378,7 +379,7 @@ class EngineCore:
         attn = torch.cat([self._attn, self._attn.new_ones(len(rows), 1)], dim=1)
         positions = torch.tensor([[s.n_tokens] for s in rows], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
-        logits = self._forward(ids, attn, positions, self._kv, [s.ref.key if s.ref else None for s in rows])
+        logits = self._forward(ids, attn, positions, self._kv, [s.ref.slot if s.ref else None for s in rows])
         if self.metrics:
             self.metrics.batch_size.observe(len(rows))
             self.metrics.decode_seconds.observe(time.perf_counter() - t0)

@@ -196,7 +196,7 @@ def test_lru_residency_under_pressure(tiny_dir: Path, store: AdapterStore) -> No
         core.step()
     assert len(col.tokens("a")) == 4 and len(col.tokens("b")) == 4
     assert [r.name for r in core.cache.refs()] == ["qv"]
-    qv_key = core.cache.refs()[0].key
+    qv_key = core.cache.refs()[0].slot
     assert all(set(layer.lora_A) <= {qv_key} for layer in core.lora_layers.values())
     assert any(layer.lora_A for layer in core.lora_layers.values())
 
@@ -222,7 +222,29 @@ def test_an_install_that_fails_part_way_leaves_nothing_resident(tiny_dir: Path, 
     assert ref not in core.cache and not any(layer.lora_A for layer in layers)
     monkeypatch.setattr(type(layers[0]), "add_adapter", real)
     assert core.ensure_resident(ref) and ref in core.cache
-    assert sum(ref.key in layer.lora_A for layer in layers) > 3
+    assert sum(ref.slot in layer.lora_A for layer in layers) > 3
+
+
+def test_a_direct_version_and_a_registry_version_with_one_number_serve_their_own_weights(
+        tiny_dir: Path, store: AdapterStore, lora_other: Path) -> None:
+    """`tsugiki tune --name all` made all@v1 here; the registry's all@v1 is other content: both resident at once,
+    each request gets its own version's weights (keyed by version and digest, not by the number alone)."""
+    from tsugiki.adapters.format import content_digest
+
+    core = _core(tiny_dir, store)
+    direct = store.require("all")
+    reg = store.put("all", lora_other, digest=content_digest(lora_other), version=direct.version, activate=False)
+    assert reg.key == direct.key and reg.digest != direct.digest
+    ids = tuple(core.tokenizer("the quick brown fox")["input_ids"])
+    col = Collector()
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    core.add_request(GenerationRequest("direct", ids, params, "all"), col.sink("direct"))
+    core.add_request(GenerationRequest("registry", ids, params, version=reg), col.sink("registry"))
+    while core.has_work():
+        core.step()
+    assert len(core.cache) == 2
+    assert col.tokens("registry") == _reference(tiny_dir, lora_other, list(ids), 6)[0]
+    assert col.tokens("direct") != col.tokens("registry")
 
 
 def test_unloaded_adapter_fails_queued_request_and_queue_limit(tiny_dir: Path, store: AdapterStore) -> None:

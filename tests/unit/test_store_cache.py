@@ -27,6 +27,31 @@ def test_versions_are_immutable_and_content_addressed(tmp_path: Path, lora_all: 
         (lora_other / "adapter_model.safetensors").read_bytes()
 
 
+def test_registry_copies_keep_the_registrys_numbers_apart_from_directly_loaded_versions(
+        tmp_path: Path, lora_all: Path, lora_other: Path, lora_qv: Path) -> None:
+    """`tsugiki tune --name support` twice (support@v1, @v2 here), then the second result registered: the
+    registry calls it support@v1. Its copy on this node keeps that number without meeting the direct v1."""
+    from tsugiki.adapters.format import content_digest
+    from tsugiki.errors import AdapterError
+
+    store = AdapterStore(tmp_path / "store")
+    d1, d2 = store.put("support", lora_all), store.put("support", lora_other)
+
+    def fetch(src: Path, version: int) -> AdapterRef:  # as the alias router does
+        return store.put("support", src, digest=content_digest(src), version=version, activate=False)
+
+    r1 = fetch(lora_other, 1)
+    assert r1.key == d1.key and r1.digest == d2.digest != d1.digest
+    assert store.has(d1) and store.has(r1) and store.path_of(d1) != store.path_of(r1)
+    assert ".registry" in str(store.path_of(r1)) and store.resolve("support") == d2  # the loaded name is unchanged
+    assert fetch(lora_other, 1) == r1  # fetched again: the same copy
+    with pytest.raises(AdapterError, match="version 1 is already stored with different content"):
+        fetch(lora_qv, 1)  # the registry's own numbers stay checked
+    assert fetch(lora_all, 2).digest == d1.digest and store.put("support", lora_qv).version == 3
+    with pytest.raises(ValueError):
+        store.put("support", lora_qv, version=4)  # a registry copy is never made the active version
+
+
 def test_deactivate_and_errors(tmp_path: Path, lora_all: Path) -> None:
     store = AdapterStore(tmp_path / "store")
     store.put("a", lora_all)
