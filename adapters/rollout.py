@@ -35,7 +35,10 @@ back, and no input makes a rate divide by zero.
   ``L = d - sqrt((p_c - l_c)^2 + (u_b - p_b)^2)``, ``U = d + sqrt((u_c - p_c)^2 + (p_b - l_b)^2)``. Wilson
   bounds stay inside [0, 1] and need no variance estimate, so zero counts (0 errors of 200) behave; a Wald
   z-test divides by zero there. The p-value is the ``alpha`` at which the bound meets the margin (bisection).
-* ``noise_rate``: the same test on requests the monitor flagged noisy (margin ``max_noise_rate_increase``).
+* ``noise_rate``: the same test on requests the monitor flagged noisy (margin ``max_noise_rate_increase``),
+  reported and never a gate (verdict ``skipped``): a request's noise is scored on its input, which the version
+  does not change, and routing is sticky per caller, so a difference between the two measures the callers each
+  version was given (a bot sending OCR text hashed into the canary's share), not the candidate.
 * ``accuracy``: the same test on wrong answers among labelled requests (margin ``max_accuracy_drop``), only when
   both versions have ``min_feedback`` labels; otherwise skipped.
 * ``confidence`` (mean per-request mean token log-prob, higher is better; margin ``max_confidence_drop`` nats):
@@ -139,10 +142,15 @@ class RolloutPlan(BaseModel):
     max_accuracy_drop: float = Field(default=0.02, ge=0, le=1,
                                      description="Allowed drop of feedback accuracy, absolute.")
     max_noise_rate_increase: float = Field(default=0.05, ge=0, le=1,
-                                           description="Allowed increase of the share of requests flagged noisy.")
+                                           description="Margin of the reported noise-rate comparison (not a gate: "
+                                                       "the noise is the inputs', see the module docstring).")
     min_shadow_agreement: float = Field(default=0.0, ge=0, le=1,
                                         description="Shadow stage only: least share of shadow outputs equal to the "
-                                                    "stable output; 0 disables the check.")
+                                                    "stable output; 0 disables the check. Only greedy "
+                                                    "(temperature 0) requests are compared, the one case where "
+                                                    "equal weights give equal answers: on sampled traffic the "
+                                                    "check has nothing to count and the stage waits (set "
+                                                    "max_stage_seconds to have it flagged).")
     min_feedback: int = Field(default=20, ge=1,
                               description="Labelled requests per version before accuracy is compared.")
     rollback_on_drift: bool = Field(default=False,
@@ -422,8 +430,9 @@ def _run_checks(plan: RolloutPlan, stage: int, c: VersionEvidence, b: VersionEvi
     else:
         checks = [
             _error_check(plan, c, b),
-            _rate_check("noise_rate", "noise rate", c.noisy, c.requests, b.noisy, b.requests,
-                        plan.max_noise_rate_increase, plan.alpha),
+            _reported(_rate_check("noise_rate", "noise rate", c.noisy, c.requests, b.noisy, b.requests,
+                                  plan.max_noise_rate_increase, plan.alpha),
+                      "the input's noise, which the version does not change: reported, not a gate"),
             _accuracy_check(plan, c, b),
             _confidence_check(plan, c, b),
             _latency_check(plan, c, b),
@@ -591,8 +600,8 @@ def _latency_check(plan: RolloutPlan, c: VersionEvidence, b: VersionEvidence) ->
 def _shadow_check(plan: RolloutPlan, c: VersionEvidence) -> _Check:
     name, label, minimum = "shadow_agreement", "shadow agreement", plan.min_shadow_agreement
     if c.shadow_n == 0:
-        return _insufficient(name, label, "shadow agreement: no shadow outputs compared yet", n_candidate=0,
-                             margin=0.0)
+        return _insufficient(name, label, "shadow agreement: no shadow outputs compared yet (only greedy, "
+                             "temperature-0 requests are compared)", n_candidate=0, margin=0.0)
     k, n = c.shadow_agree, c.shadow_n
     agreement = k / n
     p_worse = _binom_cdf(k, n, minimum)  # H0: agreement >= minimum; few agreements refute it
@@ -625,6 +634,12 @@ def _drift_check(plan: RolloutPlan, c: VersionEvidence, b: VersionEvidence | Non
         summary = "drift alarm on the candidate " + ("and not on the baseline" if b is not None else "(no baseline)")
         return _Check("drift", "fail", summary, numbers, p_worse=0.0)
     return _Check("drift", "pass", "no candidate-only drift alarm", numbers)
+
+
+def _reported(check: _Check, note: str) -> _Check:
+    """``check``'s numbers, shown with the others, and a ``skipped`` verdict: it never moves a decision."""
+    return _Check(check.name, "skipped", f"{check.summary} ({note})",
+                  {**check.numbers, "verdict": "skipped", "note": note, "measured": check.verdict})
 
 
 def _skipped(name: str, label: str, note: str) -> _Check:
