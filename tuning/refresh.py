@@ -151,12 +151,15 @@ class Refresher:
             # U+2028, U+2029 and U+0085, which a captured prompt may contain raw
             original = [json.loads(line) for line in Path(orig_path).read_text(encoding="utf-8").split("\n")
                         if line.strip()]
-        caps = [c for c in self.registry.captures(ref.alias, labelled_only=True) if c.ts >= stable.created]
-        caps = caps[-self.config.max_captures:]
-        new = _records_from_captures(caps)
+        # every labelled capture the stable version did not train on: not only those since it was made, but also
+        # those captured while its own refresh trained and old ones labelled late (its data file holds the ones
+        # it used, so they are not counted twice)
+        seen = {json.dumps(r, sort_keys=True) for r in original}
+        new = [r for r in _records_from_captures(self.registry.captures(ref.alias, labelled_only=True))
+               if json.dumps(r, sort_keys=True) not in seen][-self.config.max_captures:]
         counts = {"original": len(original), "labelled_captures": len(new), "min_labelled": self.config.min_labelled}
         if len(new) < self.config.min_labelled:
-            raise NotEnoughData(f"{len(new)} labelled captures of {ref.alias!r} since {stable.key} was made, "
+            raise NotEnoughData(f"{len(new)} labelled captures of {ref.alias!r} that {stable.key} did not train on, "
                                 f"{self.config.min_labelled} needed (refresh.min_labelled); turn capture on for the "
                                 "alias and send feedback with labels", counts=counts)
         out.mkdir(parents=True, exist_ok=True)

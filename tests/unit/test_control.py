@@ -342,6 +342,46 @@ def test_a_refresh_keeps_its_training_data_and_is_not_rolled_out_over_a_stable_i
     assert env.plane.registry.get_rollout("support") is None and env.version("support@v2") == VersionState.candidate
 
 
+def test_a_refresh_trains_on_every_labelled_capture_its_stable_version_did_not(env: Env, lora_other: Path,
+                                                                                lora_qv: Path) -> None:
+    _first_version(env)
+    shutil.copytree(lora_other, env.root / "v2")
+    env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100})
+
+    def ask(text: str, label: str | None) -> str:
+        rid = env.ask(text=text).headers["x-request-id"]
+        if label is not None:
+            env.client.post("/v1/feedback", json={"request_id": rid, "label": label})
+        return str(rid)
+
+    for i in range(6):
+        ask(f"where is my parcel {i}", "track_parcel")
+    late = ask("my card was declined", None)  # captured now, labelled only after the next version is made
+
+    def refresh() -> str:
+        assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+        env.step()
+        env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+        ref = env.plane.registry.refreshes("support")[-1]
+        assert ref.state == "done", ref
+        return str(env.tune_calls[-1]["data"])  # type: ignore[attr-defined]
+
+    assert refresh().count('"track_parcel"') == 6
+    env.step()  # the candidate's rollout starts
+    env.plane.rollouts.promote("support")
+    assert env.version("support@v2") == VersionState.stable
+    assert env.plane.registry.get("support", 2).created > [
+        c.ts for c in env.plane.registry.captures("support") if c.request_id == late][0]
+    env.client.post("/v1/feedback", json={"request_id": late, "label": "card_declined"})
+    for i in range(5):
+        ask(f"set an alarm for {i}", "alarm")
+    shutil.rmtree(Path(env.tune_calls[-1]["work_dir"]) / "candidate")  # type: ignore[attr-defined]
+    shutil.copytree(lora_qv, env.root / "v2", dirs_exist_ok=True)  # the stub's next candidate: other content
+    data = refresh()
+    # the late label is there; the captures support@v2 trained on come once, from its data file
+    assert data.count('"card_declined"') == 1 and data.count('"alarm"') == 5 and data.count('"track_parcel"') == 6
+
+
 def test_failures_end_as_outcomes_not_stuck_state(env: Env, lora_other: Path) -> None:
     _first_version(env)
     # a routed version whose files vanished from the artifact store: a 500 for the caller, evidence for the controller
