@@ -137,7 +137,7 @@ class AdapterStore:
         index = self._load()
         for section in ("adapters", "registry"):
             v = index.get(section, {}).get(ref.name, {}).get("versions", {}).get(str(ref.version))
-            if v is not None and v["digest"] == ref.digest:
+            if v is not None and v["digest"] == ref.digest and (self.root / v["path"]).is_dir():
                 return v  # type: ignore[no-any-return]
         return None
 
@@ -233,8 +233,7 @@ class AdapterStore:
 
     def has(self, ref: AdapterRef) -> bool:
         """Whether this exact version (name, number and digest) is on disk here."""
-        v = self._entry_of(ref)
-        return v is not None and (self.root / v["path"]).is_dir()
+        return self._entry_of(ref) is not None
 
     def deactivate(self, name: str) -> AdapterRef:
         """Stop serving ``name`` (its versions stay on disk for audit and rollback)."""

@@ -209,7 +209,16 @@ class ControlPlane:
                 continue
             gated_against = ref.detail.get("stable") or (f"{rec.name}@v{rec.parent_version}"
                                                         if rec.parent_version is not None else None)
-            stable = [k for k, w in self.registry.get_alias(ref.alias).routes.items() if w >= 1.0 - 1e-9]
+            try:
+                routes = self.registry.get_alias(ref.alias).routes
+            except NotFoundError:  # deleted while the refresh trained: nothing to roll out over
+                self._stale.add(ref.candidate)
+                logger.warning("refresh candidate not rolled out: its alias was deleted",
+                               extra={"alias": ref.alias, "candidate": ref.candidate})
+                continue
+            stable = [k for k, w in routes.items() if w >= 1.0 - 1e-9]
+            if not stable:
+                continue  # an operator's split, without a rollout: decide once it has one stable version again
             if gated_against is not None and stable != [gated_against]:
                 self._stale.add(ref.candidate)
                 logger.warning("refresh candidate not rolled out: the alias's stable version changed while it "

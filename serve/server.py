@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,6 +135,9 @@ class ModelServer:
         self.tokenizer = self.loaded.tokenizer
         self.info = self.loaded.info
         self.store = AdapterStore(settings.store_dir())
+        # lexicon correction is pure Python: it runs here, one request at a time, off the event loop and out of
+        # the default pool (where adapter downloads wait on each other)
+        self._lexicon_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lexicon")
         self.roots = settings.adapter_roots()
         self.registry = registry or CollectorRegistry()
         self.metrics = EngineMetrics(self.registry)
@@ -290,10 +294,11 @@ class ModelServer:
 
     async def _read_through(self, payload: dict[str, Any], lexicon: Lexicon | None) -> tuple[dict[str, Any], int]:
         """:meth:`_recognised` off the event loop (a long prompt's correction is pure Python: the loop keeps
-        serving other streams while it runs)."""
+        serving other streams while it runs), in a pool of its own."""
         if lexicon is None:
             return payload, 0
-        return await asyncio.to_thread(self._recognised, payload, lexicon, self.info.max_model_len)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._lexicon_pool, self._recognised, payload, lexicon, self.info.max_model_len)
 
     # ---- generation ----------------------------------------------------------------------------------------------
     def _prompt_ids(self, payload: dict[str, Any]) -> list[int]:
@@ -510,7 +515,7 @@ class ModelServer:
         self.outcomes.add(routed.outcome(
             request_id, ok=True, latency_s=time.perf_counter() - t0, noisy=noisy, output=answer, shadow=True,
             confidence=sum(logprobs) / len(logprobs) if logprobs else None,
-            agree=(answer.strip() == served.strip()) if params.temperature == 0 else None))
+            agree=(answer.strip() == served.strip()) if params.greedy else None))
 
     def _noise(self, payload: dict[str, Any], n_prompt: int, label: str) -> NoiseReport | None:
         if not self.monitoring:
@@ -540,3 +545,4 @@ class ModelServer:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self._lexicon_pool.shutdown(wait=False)

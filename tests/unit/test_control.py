@@ -342,6 +342,46 @@ def test_a_refresh_keeps_its_training_data_and_is_not_rolled_out_over_a_stable_i
     assert env.plane.registry.get_rollout("support") is None and env.version("support@v2") == VersionState.candidate
 
 
+def test_a_refresh_candidate_waits_out_a_manual_split_and_outlives_its_alias(env: Env, lora_other: Path,
+                                                                             lora_qv: Path) -> None:
+    _first_version(env)
+    shutil.copytree(lora_other, env.root / "v2")
+    shutil.copytree(lora_qv, env.root / "v3")
+    env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100})
+    for i in range(6):
+        r = env.ask(text=f"where is my parcel {i}")
+        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "track_parcel"})
+    env.client.post("/v1/registry/versions", json={"name": "other", "path": str(env.root / "v3")})
+    reg = env.plane.registry
+    assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+    env.step()
+    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+    assert reg.refreshes("support")[-1].candidate == "support@v2"
+    # an operator's split without a rollout when the refresh ends: the candidate waits, and goes once it is over
+    reg.set_alias("support", {"support@v1": 0.9, "other@v1": 0.1})
+    env.step()
+    assert reg.get_rollout("support") is None
+    reg.set_alias("support", {"support@v1": 1.0})
+    env.step()
+    ro = reg.get_rollout("support")
+    assert ro is not None and ro.candidate == "support@v2"
+    # an alias deleted while its refresh trained: the control loop goes on (the candidate stays a candidate)
+    env.plane.rollouts.rollback("support", reason="test")
+    for i in range(6):
+        r = env.ask(text=f"book a table {i}")
+        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "book"})
+    shutil.rmtree(Path(env.tune_calls[-1]["work_dir"]) / "candidate")  # type: ignore[attr-defined]
+    shutil.copytree(lora_qv, env.root / "v2", dirs_exist_ok=True)
+    assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+    env.step()
+    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+    assert reg.refreshes("support")[-1].candidate == "support@v3"
+    reg.delete_alias("support")
+    env.step()
+    env.step()
+    assert env.version("support@v3") == VersionState.candidate
+
+
 def test_a_refresh_trains_on_every_labelled_capture_its_stable_version_did_not(env: Env, lora_other: Path,
                                                                                 lora_qv: Path) -> None:
     _first_version(env)

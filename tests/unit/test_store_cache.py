@@ -50,6 +50,15 @@ def test_registry_copies_keep_the_registrys_numbers_apart_from_directly_loaded_v
     assert fetch(lora_all, 2).digest == d1.digest and store.put("support", lora_qv).version == 3
     with pytest.raises(ValueError):
         store.put("support", lora_qv, version=4)  # a registry copy is never made the active version
+    # an entry whose files are gone (deleted by hand) does not hide a good copy of the same version and content
+    import shutil
+
+    other = AdapterStore(tmp_path / "other")
+    gone = other.put("x", lora_all)
+    shutil.rmtree(other.path_of(gone))
+    assert not other.has(gone)
+    copy = other.put("x", lora_all, digest=gone.digest, version=gone.version, activate=False)
+    assert copy == gone and other.has(copy) and ".registry" in str(other.path_of(copy))
 
 
 def test_deactivate_and_errors(tmp_path: Path, lora_all: Path) -> None:
