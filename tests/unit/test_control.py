@@ -111,6 +111,21 @@ def _first_version(env: Env) -> None:
     assert r.status_code == 201 and r.json()["state"] == "stable", r.text
 
 
+def _labelled(env: Env, text: str, label: str, n: int = 6) -> None:
+    """``n`` captured requests of the alias with their labels (capture must be on)."""
+    for i in range(n):
+        r = env.ask(text=f"{text} {i}")
+        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": label})
+
+
+def _refresh(env: Env) -> Any:
+    """An operator's refresh of ``support``, run to its end; its record."""
+    assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+    env.step()
+    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
+    return env.plane.registry.refreshes("support")[-1]
+
+
 def test_alias_shadow_canary_promote_with_sticky_callers(env: Env, lora_other: Path) -> None:
     _first_version(env)
     r = env.ask()
@@ -309,26 +324,17 @@ def test_a_refresh_keeps_its_training_data_and_is_not_rolled_out_over_a_stable_i
     shutil.copytree(lora_other, env.root / "v2")
     shutil.copytree(lora_qv, env.root / "v3")
     env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100})
-    for i in range(6):
-        r = env.ask(text=f"where is my parcel {i}")
-        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "track_parcel"})
-
-    def refresh() -> Any:
-        assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
-        env.step()
-        env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
-        return env.plane.registry.refreshes("support")[-1]
-
+    _labelled(env, "where is my parcel", "track_parcel")
     # support@v1's training data is gone: training on the captures alone would forget its intents unseen by the
     # gate (its validation data would be captures too), so the refresh fails and says what to do
     data = env.root / "data.jsonl"
     data.rename(env.root / "elsewhere.jsonl")
-    ref = refresh()
+    ref = _refresh(env)
     assert ref.state == "failed" and "support@v1's training data" in ref.detail["error"] and "shared volume" in \
         ref.detail["error"], ref
     assert env.tune_calls == []  # type: ignore[attr-defined]
     (env.root / "elsewhere.jsonl").rename(data)
-    ref = refresh()
+    ref = _refresh(env)
     assert ref.state == "done" and ref.candidate == "support@v2" and ref.detail["stable"] == "support@v1", ref
     # meanwhile an operator rolls out and promotes another version: the refresh's candidate was gated against
     # support@v1, never against support@v3, so it is not rolled out over it
@@ -348,15 +354,10 @@ def test_a_refresh_candidate_waits_out_a_manual_split_and_outlives_its_alias(env
     shutil.copytree(lora_other, env.root / "v2")
     shutil.copytree(lora_qv, env.root / "v3")
     env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100})
-    for i in range(6):
-        r = env.ask(text=f"where is my parcel {i}")
-        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "track_parcel"})
+    _labelled(env, "where is my parcel", "track_parcel")
     env.client.post("/v1/registry/versions", json={"name": "other", "path": str(env.root / "v3")})
     reg = env.plane.registry
-    assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
-    env.step()
-    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
-    assert reg.refreshes("support")[-1].candidate == "support@v2"
+    assert _refresh(env).candidate == "support@v2"
     # an operator's split without a rollout when the refresh ends: the candidate waits, and goes once it is over
     reg.set_alias("support", {"support@v1": 0.9, "other@v1": 0.1})
     env.step()
@@ -367,15 +368,10 @@ def test_a_refresh_candidate_waits_out_a_manual_split_and_outlives_its_alias(env
     assert ro is not None and ro.candidate == "support@v2"
     # an alias deleted while its refresh trained: the control loop goes on (the candidate stays a candidate)
     env.plane.rollouts.rollback("support", reason="test")
-    for i in range(6):
-        r = env.ask(text=f"book a table {i}")
-        env.client.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "label": "book"})
+    _labelled(env, "book a table", "book")
     shutil.rmtree(Path(env.tune_calls[-1]["work_dir"]) / "candidate")  # type: ignore[attr-defined]
     shutil.copytree(lora_qv, env.root / "v2", dirs_exist_ok=True)
-    assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
-    env.step()
-    env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
-    assert reg.refreshes("support")[-1].candidate == "support@v3"
+    assert _refresh(env).candidate == "support@v3"
     reg.delete_alias("support")
     env.step()
     env.step()
@@ -388,21 +384,12 @@ def test_a_refresh_trains_on_every_labelled_capture_its_stable_version_did_not(e
     shutil.copytree(lora_other, env.root / "v2")
     env.client.put("/v1/aliases/support/capture", json={"rate": 1.0, "retention": 100})
 
-    def ask(text: str, label: str | None) -> str:
-        rid = env.ask(text=text).headers["x-request-id"]
-        if label is not None:
-            env.client.post("/v1/feedback", json={"request_id": rid, "label": label})
-        return str(rid)
-
-    for i in range(6):
-        ask(f"where is my parcel {i}", "track_parcel")
-    late = ask("my card was declined", None)  # captured now, labelled only after the next version is made
+    _labelled(env, "where is my parcel", "track_parcel")
+    # captured now, labelled only after the next version is made
+    late = str(env.ask(text="my card was declined").headers["x-request-id"])
 
     def refresh() -> str:
-        assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
-        env.step()
-        env.client.portal.call(env.plane.wait_refreshes)  # type: ignore[union-attr]
-        ref = env.plane.registry.refreshes("support")[-1]
+        ref = _refresh(env)
         assert ref.state == "done", ref
         return str(env.tune_calls[-1]["data"])  # type: ignore[attr-defined]
 
@@ -413,8 +400,7 @@ def test_a_refresh_trains_on_every_labelled_capture_its_stable_version_did_not(e
     assert env.plane.registry.get("support", 2).created > [
         c.ts for c in env.plane.registry.captures("support") if c.request_id == late][0]
     env.client.post("/v1/feedback", json={"request_id": late, "label": "card_declined"})
-    for i in range(5):
-        ask(f"set an alarm for {i}", "alarm")
+    _labelled(env, "set an alarm for", "alarm", 5)
     shutil.rmtree(Path(env.tune_calls[-1]["work_dir"]) / "candidate")  # type: ignore[attr-defined]
     shutil.copytree(lora_qv, env.root / "v2", dirs_exist_ok=True)  # the stub's next candidate: other content
     data = refresh()
