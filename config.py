@@ -109,13 +109,19 @@ class RefreshConfig(_Frozen):
     """When and how an alias is retrained."""
 
     enabled: bool = Field(default=True, description="React to drift alarms and Alertmanager webhooks at all.")
-    min_labelled: int = Field(default=30, ge=1, description="Labelled captures newer than the stable version "
-                                                            "needed before a refresh trains.")
+    min_labelled: int = Field(default=30, ge=1, description="Labelled captures the stable version did not train "
+                                                            "on needed before a refresh trains.")
     cooldown_s: float = Field(default=900.0, ge=0, description="Seconds after a finished refresh of an alias "
                                                                "before drift may trigger another.")
     max_captures: int = Field(default=20_000, gt=0, description="Newest labelled captures used at most.")
     tune: dict[str, Any] = Field(default_factory=dict, description="TuneConfig fields for refresh jobs.")
     work_dir: Path | None = Field(default=None, description="Default: $TSUGIKI_HOME/refresh.")
+    timeout_s: float | None = Field(default=6 * 3600.0, gt=0,
+                                    description="Longest a refresh's tuning job may run; past it the job is "
+                                                "cancelled and the refresh fails. Refreshes run one at a time, "
+                                                "so a task that hangs or that the cluster can never schedule "
+                                                "(num_gpus: 1 without a GPU node) would hold every later one. "
+                                                "None: no limit.")
 
 
 class ControllerConfig(_Frozen):

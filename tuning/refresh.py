@@ -193,6 +193,7 @@ class Refresher:
         cfg = TuneConfig(**{**stable.tuning_config.get("tune", {}), **self.config.tune})
         with _incumbent(self.registry, stable.name, stable.version, self.work_dir()) as inc:
             result = self.tune_runner(cfg, plan["data_path"], stable.name, incumbent_dir=str(inc),
+                                      timeout_s=self.config.timeout_s,
                                       to_store=False, work_dir=str(self.work_dir() / "jobs"), progress=progress)
         gate = result.get("gate", {})
         if result.get("status") != "passed":
@@ -239,11 +240,21 @@ class _incumbent:
         self._tmp.cleanup()
 
 
-def _ray_runner(cfg: TuneConfig, data_path: str, name: str, **kw: Any) -> dict[str, Any]:
+def _ray_runner(cfg: TuneConfig, data_path: str, name: str, *, timeout_s: float | None = None,
+                **kw: Any) -> dict[str, Any]:
+    """The tuning job as a Ray task, cancelled past ``timeout_s`` (``refresh.timeout_s``)."""
     import ray
+    from ray.exceptions import GetTimeoutError
 
     from tsugiki.tuning.job import submit
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
-    return dict(ray.get(submit(cfg, data_path, name, **kw)))
+    task = submit(cfg, data_path, name, **kw)
+    try:
+        return dict(ray.get(task, timeout=timeout_s))
+    except GetTimeoutError:
+        ray.cancel(task, force=True)
+        raise TimeoutError(f"the tuning job ran past refresh.timeout_s ({timeout_s:.0f} s) and was cancelled: check "
+                           f"that the cluster can schedule it (num_cpus {cfg.num_cpus}, num_gpus {cfg.num_gpus}) or "
+                           "raise the limit") from None

@@ -295,6 +295,7 @@ def test_feedback_capture_alertmanager_refresh_and_restart(env: Env, lora_other:
     refresher.config = refresher.config.model_copy(update={"min_labelled": 10**6})
     assert refresher.assemble(ref)["data_path"] == ref.detail["data_path"]
     assert env.tune_calls[-1]["to_store"] is False  # type: ignore[attr-defined]
+    assert env.tune_calls[-1]["timeout_s"] == refresher.config.timeout_s == 6 * 3600  # type: ignore[attr-defined]
 
     # the controller "restarts": a new control plane over the same registry file continues
     env.step()  # starts the candidate's rollout
@@ -453,6 +454,31 @@ def test_failures_end_as_outcomes_not_stuck_state(env: Env, lora_other: Path) ->
     data = (Path(ref.detail["data_path"])).read_text()
     assert data.count('"label": "garage"') == 6 and "two" not in data
     assert env.client.post("/v1/refresh/support", json={"force": True}).json()["accepted"] is True
+
+
+def test_a_tuning_job_past_its_time_limit_is_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refreshes run one at a time: a task that hangs, or that no node can schedule, must not hold them all. The
+    Ray calls are replaced (no cluster in unit tests); the refresh then ends failed with this error."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    import tsugiki.tuning.job as job
+    from tsugiki.tuning.config import TuneConfig
+    from tsugiki.tuning.refresh import _ray_runner
+
+    calls: dict[str, Any] = {}
+
+    def get(task: object, timeout: float | None = None) -> None:
+        calls["get"] = (task, timeout)
+        raise GetTimeoutError("still running")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(job, "submit", lambda *a, **kw: "the task")
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "cancel", lambda task, force=False: calls.update(cancel=(task, force)))
+    with pytest.raises(TimeoutError, match=r"ran past refresh.timeout_s \(60 s\) and was cancelled.*num_gpus 0"):
+        _ray_runner(TuneConfig(), "train.jsonl", "support", timeout_s=60, to_store=False)
+    assert calls == {"get": ("the task", 60), "cancel": ("the task", True)}
 
 
 def test_outcomes_kept_for_a_retry_fill_the_buffer_newest_first() -> None:
