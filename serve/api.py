@@ -133,13 +133,20 @@ def error_response(err: TsugikiError, request_id: str | None = None) -> JSONResp
     return JSONResponse(err.to_openai(), status_code=err.status, headers=headers)
 
 
-def _describe_validation(e: ValidationError) -> tuple[str, str | None]:
-    first = e.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"] if x != "body")
-    msg = f"{loc}: {first['msg']}" if loc else first["msg"]
-    if len(e.errors()) > 1:
-        msg += f" (and {len(e.errors()) - 1} more problem(s))"
-    return msg, (str(first["loc"][0]) if first["loc"] else None)
+def _describe_validation(e: ValidationError | RequestValidationError,
+                         sources: tuple[str, ...] = ("body",)) -> tuple[str, str | None]:
+    """The first problem as ``field: message`` and the field (locations leave out ``sources``: where FastAPI
+    found the value)."""
+    errors = e.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    parts = [str(x) for x in first["loc"] if x not in sources]
+    loc = ".".join(parts)
+    msg = f"{loc}: {first['msg']}" if loc else str(first["msg"])
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem(s))"
+    return msg, (parts[0] if parts else None)
 
 
 async def json_object(request: Request) -> dict[str, Any]:
@@ -267,10 +274,8 @@ def build_app(client: ModelClient, cfg: ServerConfig, *, registry: CollectorRegi
     @app.exception_handler(RequestValidationError)
     async def _params_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # a query parameter of the wrong type (?limit=abc): FastAPI's own 422 has another shape
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        name = ".".join(str(x) for x in first.get("loc", ()) if x not in ("query", "path", "body", "header"))
-        return error_response(InvalidRequestError(f"{name}: {first.get('msg')}" if name else str(first.get("msg")),
-                                                  param=name or None))
+        msg, param = _describe_validation(exc, ("query", "path", "body", "header"))
+        return error_response(InvalidRequestError(msg, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
