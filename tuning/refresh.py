@@ -137,16 +137,16 @@ class Refresher:
         stable = self.registry.get(*parse_key(stable_keys[0]))
         orig_path = stable.tuning_config.get("data_path")
         original: list[dict[str, str]] = []
-        if orig_path and not Path(orig_path).is_file():
+        if not orig_path:
+            logger.warning("stable version registered without its training data: the refresh trains on labelled "
+                           "captures only", extra={"alias": ref.alias, "stable": stable.key})
+        elif not Path(orig_path).is_file():
             # training on the captures alone would forget every intent the traffic did not bring back, and the gate
             # would not see it (its validation data would come from the captures too)
             raise FileNotFoundError(f"{stable.key}'s training data {orig_path} is not a readable file here; a "
                                     "refresh retrains on it and the labelled captures: make it reachable from the "
                                     "controller (on a cluster, a shared volume) and request the refresh again")
-        if not orig_path:
-            logger.warning("stable version registered without its training data: the refresh trains on labelled "
-                           "captures only", extra={"alias": ref.alias, "stable": stable.key})
-        if orig_path:
+        else:
             # split on "\n" only, as the data reader does: str.splitlines() also splits inside JSON strings at
             # U+2028, U+2029 and U+0085, which a captured prompt may contain raw
             original = [json.loads(line) for line in Path(orig_path).read_text(encoding="utf-8").split("\n")
